@@ -1,0 +1,31 @@
+"""Knowledge tracing with PyTorch Lightning: SAKT and DKT models, data, a Lightning system and inference."""
+
+from lit_kt.data import KTDataModule, KTDataset, collate_kt, window_spans
+from lit_kt.formats import KTFormatError, StudentSequence, read_long_table, read_three_line, write_three_line
+from lit_kt.inference import predict_next
+from lit_kt.losses import masked_bce_with_logits
+from lit_kt.models import DKT, SAKT
+from lit_kt.module import DKTModule, KTModule, SAKTModule
+from lit_kt.synthetic import SyntheticStudents, generate_students, roc_auc
+
+__all__ = [
+    "DKT",
+    "DKTModule",
+    "KTDataModule",
+    "KTDataset",
+    "KTFormatError",
+    "KTModule",
+    "SAKT",
+    "SAKTModule",
+    "StudentSequence",
+    "SyntheticStudents",
+    "collate_kt",
+    "generate_students",
+    "masked_bce_with_logits",
+    "predict_next",
+    "read_long_table",
+    "read_three_line",
+    "roc_auc",
+    "window_spans",
+    "write_three_line",
+]

@@ -1,0 +1,301 @@
+"""Knowledge-tracing data: windowing of student sequences, a Dataset, its collate function and ``KTDataModule``.
+
+A batch is a dict of tensors:
+
+- ``exercises`` (B, L) int64 exercise ids, right-padded with 0;
+- ``responses`` (B, L) int64 0/1 (0 at padding);
+- ``mask`` (B, L) bool, the positions that are *scored* (loss and metrics): real positions, minus the context-only
+  positions of overlapping evaluation windows, so that every interaction is scored exactly once;
+- ``index`` (B,) int64, the window's index in its dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_kt.formats import StudentSequence, read_long_table, read_three_line
+
+
+@dataclass(frozen=True)
+class Window:
+    """A slice ``[start, end)`` of sequence ``sequence``; positions ``>= score_from`` are scored."""
+
+    sequence: int
+    start: int
+    end: int
+    score_from: int
+
+
+def window_spans(length: int, max_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Cut a sequence of ``length`` interactions into windows of at most ``max_len``.
+
+    Window ``k`` ends at ``min(length, max_len + k * stride)`` and starts ``max_len`` before its end (or at 0). It
+    scores the positions the previous window did not reach, so every position is scored exactly once. With
+    ``stride == max_len`` (the default) the windows do not overlap (the SAKT paper's protocol); a smaller stride gives
+    later positions up to ``max_len - 1`` interactions of context at the cost of more windows.
+
+    Args:
+        length: Number of interactions in the sequence (>= 1).
+        max_len: Longest window.
+        stride: How far each window's end moves; 1 <= stride <= max_len. ``None`` means ``max_len``.
+
+    Returns:
+        A list of ``(start, end, score_from)`` tuples in order.
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+    stride = max_len if stride is None else stride
+    if max_len < 1:
+        raise ValueError(f"Expected `max_len` to be >= 1 but got {max_len}.")
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"Expected `stride` to be between 1 and max_len ({max_len}) but got {stride}.")
+    spans = []
+    scored_until = 0
+    end = min(length, max_len)
+    while scored_until < length:
+        spans.append((max(0, end - max_len), end, scored_until))
+        scored_until = end
+        end = min(length, end + stride)
+    return spans
+
+
+class KTDataset(Dataset):
+    """Windows over student sequences, each item a dict of 1-D numpy arrays.
+
+    Args:
+        sequences: The students' sequences.
+        max_len: Longest window.
+        stride: Window stride (see :func:`window_spans`); ``None`` for non-overlapping windows.
+    """
+
+    def __init__(self, sequences: Sequence[StudentSequence], max_len: int, stride: int | None = None) -> None:
+        self.sequences = list(sequences)
+        self.windows = [
+            Window(i, start, end, score_from)
+            for i, seq in enumerate(self.sequences)
+            for start, end, score_from in window_spans(len(seq), max_len, stride)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | int]:
+        w = self.windows[index]
+        seq = self.sequences[w.sequence]
+        scored = np.arange(w.start, w.end) >= w.score_from
+        return {
+            "exercises": seq.exercises[w.start : w.end],
+            "responses": seq.responses[w.start : w.end],
+            "mask": scored,
+            "index": index,
+        }
+
+    @property
+    def num_interactions(self) -> int:
+        """Interactions scored over the whole dataset (each interaction once)."""
+        return sum(len(s) for s in self.sequences)
+
+
+def collate_kt(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Right-pad a list of dataset items to the longest one; padding is id 0 and ``mask`` False."""
+    longest = max(len(item["exercises"]) for item in items)
+    batch = {
+        "exercises": torch.zeros(len(items), longest, dtype=torch.long),
+        "responses": torch.zeros(len(items), longest, dtype=torch.long),
+        "mask": torch.zeros(len(items), longest, dtype=torch.bool),
+    }
+    for row, item in enumerate(items):
+        n = len(item["exercises"])
+        for key in ("exercises", "responses", "mask"):
+            batch[key][row, :n] = torch.from_numpy(np.asarray(item[key]))
+    batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+    return batch
+
+
+class KTDataModule(L.LightningDataModule):
+    """Train/validation/test data for knowledge tracing, from a folder of files or from simulated students.
+
+    With ``data_dir`` the folder holds ``train.csv`` and ``test.csv`` (and optionally folds ``train{K}.csv`` /
+    ``valid{K}.csv``) in the three-line format or as long tables. Validation is fold ``K`` when ``fold`` is set,
+    otherwise a held-out fraction of the *students* of ``train.csv`` chosen with ``seed`` (a student never appears on
+    both sides). The test set is never used for anything but testing and prediction.
+
+    Without ``data_dir`` the data are simulated students (:func:`lit_kt.synthetic.generate_students`): half of
+    ``synthetic_students`` for training (minus the validation fraction), half for testing. Their true probabilities
+    give the oracle AUC (:meth:`oracle_auc`).
+
+    Args:
+        data_dir: Folder with ``train.csv`` and ``test.csv``; ``None`` for simulated students.
+        format: ``"three_line"`` (count / ids / responses) or ``"long"`` (one interaction per row).
+        fold: Use ``train{fold}.csv`` / ``valid{fold}.csv`` for training and validation.
+        val_fraction: Fraction of training students held out for validation when ``fold`` is None (0 for none).
+        max_len: Longest window fed to the model; longer sequences are cut into windows.
+        eval_stride: Stride of validation/test/predict windows; ``None`` for non-overlapping windows.
+        batch_size: Windows per batch.
+        num_workers: DataLoader workers.
+        seed: Seed of the validation split and of the simulated students.
+        num_exercises: Number of exercise ids; ``None`` for the largest id found in any split.
+        student_col: Long format: student column.
+        exercise_col: Long format: exercise column.
+        correct_col: Long format: correctness column.
+        order_col: Long format: column to sort each student's rows by (``None`` keeps file order).
+        synthetic_students: Simulated students in all (train + test).
+        synthetic_exercises: Exercises of the simulated students.
+        synthetic_concepts: Latent concepts of the simulated students.
+        synthetic_seq_len: Interactions per simulated student.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        format: Literal["three_line", "long"] = "three_line",
+        fold: int | None = None,
+        val_fraction: float = 0.1,
+        max_len: int = 100,
+        eval_stride: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 42,
+        num_exercises: int | None = None,
+        student_col: str = "user_id",
+        exercise_col: str = "skill_id",
+        correct_col: str = "correct",
+        order_col: str | None = "order_id",
+        synthetic_students: int = 4000,
+        synthetic_exercises: int = 50,
+        synthetic_concepts: int = 5,
+        synthetic_seq_len: int = 50,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"Expected `val_fraction` to be in [0, 1) but got {val_fraction}.")
+        if format not in ("three_line", "long"):
+            raise ValueError(f"Expected `format` to be 'three_line' or 'long' but got {format!r}.")
+        window_spans(1, max_len, eval_stride)  # validates max_len and eval_stride early
+        self.save_hyperparameters()
+        self._splits: dict[str, list[StudentSequence]] | None = None
+        self._probabilities: dict[str, list[np.ndarray]] = {}
+        self._num_exercises: int | None = None
+
+    # ------------------------------------------------------------------ loading
+    def _read(self, name: str) -> list[StudentSequence]:
+        path = Path(self.hparams.data_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected a data file at {path} but it does not exist.")
+        if self.hparams.format == "three_line":
+            return read_three_line(path)
+        h = self.hparams
+        return read_long_table(path, h.student_col, h.exercise_col, h.correct_col, h.order_col)
+
+    def _split_off_validation(self, train: list[StudentSequence]) -> tuple[list, list]:
+        n_val = int(round(len(train) * self.hparams.val_fraction))
+        if self.hparams.val_fraction > 0 and n_val == 0:
+            n_val = 1
+        if n_val >= len(train):
+            raise ValueError(
+                f"Expected `val_fraction` ({self.hparams.val_fraction}) to leave training students but the training"
+                f" split has only {len(train)}."
+            )
+        order = np.random.default_rng(self.hparams.seed).permutation(len(train))
+        val_ids = set(order[:n_val].tolist())
+        return [s for i, s in enumerate(train) if i not in val_ids], [s for i, s in enumerate(train) if i in val_ids]
+
+    def _load(self) -> dict[str, list[StudentSequence]]:
+        if self._splits is not None:
+            return self._splits
+        h = self.hparams
+        if h.data_dir is None:
+            from lit_kt.synthetic import generate_students
+
+            sim = generate_students(
+                num_students=h.synthetic_students,
+                num_exercises=h.synthetic_exercises,
+                num_concepts=h.synthetic_concepts,
+                seq_len=h.synthetic_seq_len,
+                seed=h.seed,
+            )
+            half = h.synthetic_students // 2
+            train, test = sim.sequences[half:], sim.sequences[:half]
+            self._probabilities["test"] = sim.probabilities[:half]
+            train, val = self._split_off_validation(train)
+        elif h.fold is not None:
+            train, val, test = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv"), self._read("test.csv")
+        else:
+            train, test = self._read("train.csv"), self._read("test.csv")
+            train, val = self._split_off_validation(train)
+        splits = {"train": train, "val": val, "test": test}
+        largest = {name: max((int(s.exercises.max()) for s in seqs), default=0) for name, seqs in splits.items()}
+        if h.num_exercises is None:
+            self._num_exercises = max(largest.values())
+        else:
+            worst = max(largest, key=largest.get)
+            if h.num_exercises < largest[worst]:
+                raise ValueError(
+                    f"Expected `num_exercises` to be >= the largest exercise id in the data ({largest[worst]}, in the"
+                    f" {worst} split) but got {h.num_exercises}."
+                )
+            self._num_exercises = h.num_exercises
+        self._splits = splits
+        return splits
+
+    @property
+    def num_exercises(self) -> int:
+        """Number of exercise ids the model must embed (ids 1..num_exercises)."""
+        self._load()
+        return self._num_exercises
+
+    def sequences(self, split: Literal["train", "val", "test"]) -> list[StudentSequence]:
+        """The students of one split, before windowing."""
+        return self._load()[split]
+
+    def oracle_auc(self) -> float | None:
+        """AUC of the true probabilities on the test students (simulated data only; ``None`` for files)."""
+        if "test" not in self._probabilities:
+            self._load()
+        if "test" not in self._probabilities:
+            return None
+        from lit_kt.synthetic import roc_auc
+
+        probs = np.concatenate(self._probabilities["test"])
+        labels = np.concatenate([s.responses for s in self.sequences("test")])
+        return roc_auc(probs, labels)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        splits = self._load()
+        h = self.hparams
+        self.train_set = KTDataset(splits["train"], h.max_len)
+        self.val_set = KTDataset(splits["val"], h.max_len, h.eval_stride)
+        self.test_set = KTDataset(splits["test"], h.max_len, h.eval_stride)
+
+    def _loader(self, dataset: KTDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_kt,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+

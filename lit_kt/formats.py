@@ -1,0 +1,451 @@
+"""Readers and a writer for knowledge-tracing interaction data.
+
+Two on-disk layouts are supported, both read into a list of :class:`StudentSequence` (one per student, interactions
+in time order, exercise ids ``>= 1`` because ``0`` is reserved for padding, responses ``0``/``1``).
+
+**Three-line format** (DKVMN / SAKT benchmark files such as ``assist2009/train.csv``): every student takes three
+consecutive lines::
+
+    5                 <- number of attempts L
+    12,12,7,31,7      <- L comma-separated exercise ids (1-based)
+    0,1,1,0,1         <- L comma-separated responses (0 = wrong, 1 = right)
+
+A trailing comma at the end of the id and response lines is allowed (``1,2,3,``), whitespace around values is
+ignored, and blank lines are tolerated at the end of the file only. :func:`read_three_line` checks, and reports
+with the file name and 1-based line number:
+
+* the file is not empty and its last record is complete (three lines);
+* no blank line occurs before the end of the file;
+* the count line is a non-negative integer, is not ``0`` (a student without interactions is a data error) and equals
+  the number of exercise ids on the next line;
+* every exercise id is an integer ``>= 1`` (an empty field such as ``1,,2`` is an error);
+* every response is ``0`` or ``1`` and there are as many responses as exercise ids.
+
+**Long table** (one interaction per row, the shape of raw ASSISTments CSV exports), read with :mod:`csv` and a header
+row, for example::
+
+    order_id,user_id,skill_id,correct
+    33,u1,12,1
+    35,u2,7,0
+
+:func:`read_long_table` groups rows by the student column (students in order of first appearance) and sorts each
+student's rows stably by the order column (file order when there is none). It checks that the header names every
+required column, that student ids are non-empty, exercise ids are integers ``>= 1``, correctness values are exactly
+``0`` or ``1`` and order values are finite numbers. Line numbers are physical line numbers (the header is line 1;
+for a quoted field spanning several lines, the line on which the row ends).
+
+:func:`write_three_line` writes sequences in the three-line format (without trailing commas), so that
+``read_three_line`` reads them back unchanged.
+
+Every data problem raises :class:`KTFormatError`, a :class:`ValueError` whose message starts with ``"<path>:<line>: "``
+and reads ``"Expected ... but got ..."``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "KTFormatError",
+    "StudentSequence",
+    "read_long_table",
+    "read_three_line",
+    "write_three_line",
+]
+
+# Whole-line fast-path patterns: a comma-separated list of non-negative integers (resp. 0/1), optional trailing comma.
+_UINT_LIST = re.compile(r"\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*")
+_BINARY_LIST = re.compile(r"\s*[01]\s*(?:,\s*[01]\s*)*,?\s*")
+_INT = re.compile(r"[+-]?[0-9]+")
+_UINT = re.compile(r"[0-9]+")
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True, eq=False)
+class StudentSequence:
+    """One student's interactions in time order.
+
+    The constructor converts both arrays to ``int64`` (without copying when they already are). ``frozen`` prevents
+    rebinding the attributes; the arrays themselves are ordinary writable NumPy arrays that should be treated as
+    read-only. Two sequences are equal when their arrays are element-wise equal and their students are equal.
+    Sequences are not hashable.
+
+    Attributes:
+        exercises: ``(L,)`` int64 exercise ids, each ``>= 1`` (``0`` is reserved for padding).
+        responses: ``(L,)`` int64 responses, each ``0`` or ``1``.
+        student: Student identifier, or ``None`` when the format has none (three-line files).
+    """
+
+    exercises: np.ndarray
+    responses: np.ndarray
+    student: str | None = None
+
+    def __post_init__(self) -> None:
+        """Converts the arrays to int64 and validates shapes and values.
+
+        Raises:
+            ValueError: If an array is not integer-valued, not 1-D, the lengths differ, an exercise id is ``< 1``
+                or a response is not ``0`` or ``1``.
+        """
+        exercises = _as_int64_vector(self.exercises, "exercises")
+        responses = _as_int64_vector(self.responses, "responses")
+        if exercises.shape != responses.shape:
+            raise ValueError(
+                f"Expected exercises and responses of equal length but got {exercises.shape[0]} exercises "
+                f"and {responses.shape[0]} responses"
+            )
+        if exercises.size and exercises.min() < 1:
+            pos = int(np.argmax(exercises < 1))
+            raise ValueError(
+                f"Expected exercise ids >= 1 (0 is reserved for padding) but got {int(exercises[pos])} at index {pos}"
+            )
+        if responses.size and ((responses != 0) & (responses != 1)).any():
+            pos = int(np.argmax((responses != 0) & (responses != 1)))
+            raise ValueError(f"Expected responses 0 or 1 but got {int(responses[pos])} at index {pos}")
+        object.__setattr__(self, "exercises", exercises)
+        object.__setattr__(self, "responses", responses)
+
+    def __len__(self) -> int:
+        """Returns the number of interactions L."""
+        return int(self.exercises.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        """Compares arrays element-wise and the student identifier."""
+        if not isinstance(other, StudentSequence):
+            return NotImplemented
+        return (
+            self.student == other.student
+            and np.array_equal(self.exercises, other.exercises)
+            and np.array_equal(self.responses, other.responses)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable array contents
+
+
+def _as_int64_vector(values: object, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size and arr.dtype.kind not in "iub":
+        raise ValueError(f"Expected integer {name} but got an array of dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"Expected 1-D {name} but got an array of shape {arr.shape}")
+    return arr.astype(np.int64, copy=False)
+
+
+class KTFormatError(ValueError):
+    """Raised for malformed knowledge-tracing data.
+
+    The message starts with ``"<path>:<line>: "`` (1-based line number), or ``"<path>: "`` when the problem concerns
+    the file as a whole (e.g. it is empty).
+
+    Attributes:
+        path: The file, as given to the reader.
+        line: The 1-based line number, or ``None``.
+        message: The description without the location prefix.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str) -> None:
+        """Builds the error.
+
+        Args:
+            path: The file in which the problem was found.
+            line: The 1-based line number, or ``None`` for a problem with the whole file.
+            message: What was expected and what was found.
+        """
+        self.path = path
+        self.line = line
+        self.message = message
+        location = os.fspath(path) if line is None else f"{os.fspath(path)}:{line}"
+        super().__init__(f"{location}: {message}")
+
+    def __reduce__(self):  # keep the error picklable (e.g. raised inside DataLoader workers)
+        return (type(self), (self.path, self.line, self.message))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Three-line format
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_three_line(path: str | os.PathLike[str]) -> list[StudentSequence]:
+    """Reads a file in the three-line format.
+
+    Args:
+        path: The file to read (UTF-8; a byte-order mark is ignored).
+
+    Returns:
+        One :class:`StudentSequence` per record, in file order, with ``student=None``.
+
+    Raises:
+        KTFormatError: If the file is empty or malformed (see the module docstring); the message names the file and
+            the 1-based line number.
+        OSError: If the file cannot be read.
+    """
+    with open(path, encoding="utf-8-sig") as f:
+        lines = f.read().split("\n")
+    n = len(lines)
+    while n and not lines[n - 1].strip():
+        n -= 1
+    if n == 0:
+        raise KTFormatError(path, None, "Expected at least one student record but got an empty file")
+
+    def nonblank(k: int) -> str:
+        text = lines[k]
+        if not text.strip():
+            raise KTFormatError(
+                path, k + 1, "Expected a non-blank line (blank lines are allowed only at the end of the file) "
+                "but got a blank line"
+            )
+        return text
+
+    sequences: list[StudentSequence] = []
+    for i in range(0, n, 3):
+        count_text = nonblank(i).strip()
+        if not _UINT.fullmatch(count_text):
+            raise KTFormatError(
+                path, i + 1, f"Expected a non-negative integer count of attempts but got {count_text!r}"
+            )
+        count = int(count_text)
+        if count == 0:
+            raise KTFormatError(path, i + 1, "Expected at least one interaction but got a count of 0")
+        if i + 3 > n:
+            for k in range(i + 1, n):
+                nonblank(k)
+            have = n - i
+            raise KTFormatError(
+                path, i + 1, "Expected 3 lines for this student record (count, exercise ids, responses) "
+                f"but got {have} line{'s' if have != 1 else ''} before the end of the file"
+            )
+        exercises = _parse_ids(path, i + 2, nonblank(i + 1))
+        if len(exercises) != count:
+            raise KTFormatError(
+                path, i + 1, f"Expected {count} exercise ids on line {i + 2} (the count on this line) "
+                f"but got {len(exercises)}"
+            )
+        responses = _parse_responses(path, i + 3, nonblank(i + 2))
+        if len(responses) != len(exercises):
+            raise KTFormatError(
+                path, i + 3, f"Expected {len(exercises)} responses (one per exercise id on line {i + 2}) "
+                f"but got {len(responses)}"
+            )
+        sequences.append(StudentSequence(exercises, responses))
+    return sequences
+
+
+def _split_fields(text: str) -> list[str]:
+    fields = text.split(",")
+    if len(fields) > 1 and not fields[-1].strip():
+        fields.pop()  # one trailing comma is allowed
+    return fields
+
+
+def _parse_ids(path: str | os.PathLike[str], line: int, text: str) -> np.ndarray:
+    fields = _split_fields(text)
+    if _UINT_LIST.fullmatch(text):
+        values = [int(f) for f in fields]
+        if max(values) <= _INT64_MAX:
+            ids = np.array(values, dtype=np.int64)
+            if ids.min() >= 1:
+                return ids
+    # Slow path: find the first offending field.
+    for pos, field in enumerate(fields, start=1):
+        value = field.strip()
+        if not _INT.fullmatch(value):
+            found = "an empty field" if not value else repr(value)
+            raise KTFormatError(path, line, f"Expected an integer exercise id at field {pos} but got {found}")
+        if int(value) < 1:
+            raise KTFormatError(
+                path, line, f"Expected an exercise id >= 1 (0 is reserved for padding) at field {pos} "
+                f"but got {value!r}"
+            )
+        if int(value) > _INT64_MAX:
+            raise KTFormatError(path, line, f"Expected an exercise id that fits in int64 at field {pos} "
+                                f"but got {value!r}")
+    raise KTFormatError(path, line, f"Expected comma-separated exercise ids but got {text.strip()!r}")  # unreachable
+
+
+def _parse_responses(path: str | os.PathLike[str], line: int, text: str) -> np.ndarray:
+    fields = _split_fields(text)
+    if _BINARY_LIST.fullmatch(text):
+        return np.array([int(f) for f in fields], dtype=np.int64)
+    for pos, field in enumerate(fields, start=1):
+        value = field.strip()
+        if value not in ("0", "1"):
+            found = "an empty field" if not value else repr(value)
+            raise KTFormatError(path, line, f"Expected a response 0 or 1 at field {pos} but got {found}")
+    raise KTFormatError(path, line, f"Expected comma-separated responses but got {text.strip()!r}")  # unreachable
+
+
+def write_three_line(sequences: Iterable[StudentSequence], path: str | os.PathLike[str]) -> None:
+    """Writes sequences in the three-line format.
+
+    Lines are ``\\n``-terminated and carry no trailing commas. Student identifiers are not stored by the format and
+    are dropped. All sequences are checked before the file is opened, so a failed call leaves no partial file.
+
+    Args:
+        sequences: The sequences to write, in order.
+        path: The file to create or overwrite.
+
+    Raises:
+        ValueError: If a sequence is empty (the format, and :func:`read_three_line`, require at least one
+            interaction per student).
+        OSError: If the file cannot be written.
+    """
+    sequences = list(sequences)
+    for k, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"Expected at least one interaction per sequence but sequence {k} is empty")
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for seq in sequences:
+            f.write(f"{len(seq)}\n")
+            f.write(",".join(map(str, seq.exercises.tolist())))
+            f.write("\n")
+            f.write(",".join(map(str, seq.responses.tolist())))
+            f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_long_table(
+    path: str | os.PathLike[str],
+    student_col: str = "user_id",
+    exercise_col: str = "skill_id",
+    correct_col: str = "correct",
+    order_col: str | None = "order_id",
+    delimiter: str = ",",
+) -> list[StudentSequence]:
+    """Reads a table with one interaction per row and a header row.
+
+    Rows are grouped by student, students in order of first appearance. Within a student, rows are sorted stably by
+    the order column (integers compare exactly, other numbers as floats), or kept in file order when ``order_col``
+    is ``None``. Other columns are ignored; blank lines are skipped; header names are stripped of surrounding
+    whitespace.
+
+    Args:
+        path: The file to read (UTF-8; a byte-order mark is ignored).
+        student_col: Column holding the student id (any non-empty string).
+        exercise_col: Column holding the exercise id (an integer ``>= 1``; ``"12.0"`` is rejected).
+        correct_col: Column holding the response, exactly ``"0"`` or ``"1"``.
+        order_col: Column holding a number (e.g. an id or timestamp) giving the time order, or ``None``.
+        delimiter: Field delimiter, e.g. ``"\\t"`` for TSV.
+
+    Returns:
+        One :class:`StudentSequence` per student, with ``student`` set to the (stripped) student id.
+
+    Raises:
+        KTFormatError: If the file is empty, has no data rows, lacks a required column, or a value is invalid; the
+            message names the file and the 1-based physical line number.
+        OSError: If the file cannot be read.
+    """
+    required = [student_col, exercise_col, correct_col] + ([order_col] if order_col is not None else [])
+    groups: dict[str, tuple[list[int], list[int], list[int | float]]] = {}
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise KTFormatError(path, reader.line_num or 1, f"Expected a CSV header row but got a CSV error: {e}")
+        if header is None:
+            raise KTFormatError(path, None, "Expected a header row but got an empty file")
+        header_line = reader.line_num
+        header = [name.strip() for name in header]
+        reader.fieldnames = header
+        missing = [col for col in required if col not in header]
+        if missing:
+            raise KTFormatError(
+                path, header_line, f"Expected column{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(repr, missing))} in the header but got columns {header}"
+            )
+
+        def value(row: dict[str | None, object], col: str, line: int, what: str) -> str:
+            raw = row.get(col)
+            if raw is None:
+                raise KTFormatError(
+                    path, line, f"Expected {what} in column {col!r} but got a missing field "
+                    f"(the row has fewer fields than the header)"
+                )
+            return str(raw).strip()
+
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise KTFormatError(path, reader.line_num, f"Expected a well-formed CSV row but got a CSV error: {e}")
+            line = reader.line_num
+
+            student = value(row, student_col, line, "a student id")
+            if not student:
+                raise KTFormatError(path, line, f"Expected a non-empty student id in column {student_col!r} "
+                                    "but got an empty field")
+
+            ex_text = value(row, exercise_col, line, "an exercise id")
+            if not _INT.fullmatch(ex_text) or int(ex_text) < 1:
+                found = "an empty field" if not ex_text else repr(ex_text)
+                raise KTFormatError(
+                    path, line, f"Expected an integer exercise id >= 1 in column {exercise_col!r} but got {found}"
+                )
+            exercise = int(ex_text)
+            if exercise > _INT64_MAX:
+                raise KTFormatError(
+                    path, line, f"Expected an exercise id that fits in int64 in column {exercise_col!r} "
+                    f"but got {ex_text!r}"
+                )
+
+            correct_text = value(row, correct_col, line, "a response")
+            if correct_text not in ("0", "1"):
+                found = "an empty field" if not correct_text else repr(correct_text)
+                raise KTFormatError(path, line, f"Expected 0 or 1 in column {correct_col!r} but got {found}")
+
+            order: int | float = 0
+            if order_col is not None:
+                order_text = value(row, order_col, line, "an order value")
+                order = _parse_order(order_text)
+                if order is None:
+                    found = "an empty field" if not order_text else repr(order_text)
+                    raise KTFormatError(
+                        path, line, f"Expected a finite number in column {order_col!r} but got {found}"
+                    )
+
+            group = groups.get(student)
+            if group is None:
+                group = groups[student] = ([], [], [])
+            group[0].append(exercise)
+            group[1].append(int(correct_text))
+            group[2].append(order)
+
+    if not groups:
+        raise KTFormatError(path, header_line, "Expected at least one data row after the header but got none")
+
+    sequences = []
+    for student, (exercises, responses, orders) in groups.items():
+        if order_col is not None:
+            perm = sorted(range(len(orders)), key=orders.__getitem__)  # sorted() is stable
+            exercises = [exercises[k] for k in perm]
+            responses = [responses[k] for k in perm]
+        sequences.append(
+            StudentSequence(np.array(exercises, dtype=np.int64), np.array(responses, dtype=np.int64), student)
+        )
+    return sequences
+
+
+def _parse_order(text: str) -> int | float | None:
+    """Parses an order value: an exact int when possible, else a finite float; ``None`` when invalid."""
+    if _INT.fullmatch(text):
+        return int(text)
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None

@@ -1,0 +1,84 @@
+"""Inference for one student: the probability of answering each candidate next exercise correctly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _as_ids(values: int | Sequence[int] | Tensor, name: str) -> Tensor:
+    ids = torch.as_tensor(values).reshape(-1) if not isinstance(values, int) else torch.tensor([values])
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"Expected `{name}` to hold integers but got dtype {ids.dtype}.")
+    return ids.long()
+
+
+@torch.no_grad()
+def predict_next(
+    model: nn.Module,
+    exercises: Sequence[int] | Tensor,
+    responses: Sequence[int] | Tensor,
+    candidates: int | Sequence[int] | Tensor,
+) -> Tensor:
+    """Probability of a correct answer on each candidate next exercise, given one student's history.
+
+    The history may have any length, including 0. A model with a finite ``max_len`` (SAKT) sees the most recent
+    ``max_len - 1`` interactions, so that the candidate fits in the last position; a recurrent model (``max_len`` is
+    ``None``) reads all of it. The model is put in eval mode for the call and restored afterwards.
+
+    Args:
+        model: A KT model (``forward(exercises, responses) -> logits``, attributes ``num_exercises``, ``max_len``).
+        exercises: The student's past exercise ids, oldest first, each in 1..num_exercises.
+        responses: Their 0/1 correctness, same length.
+        candidates: One exercise id or several.
+
+    Returns:
+        (C,) probabilities, one per candidate, in the order given.
+
+    Raises:
+        ValueError: If lengths differ, a response is not 0/1 or an id is unknown (the message names the argument and
+            the position).
+
+    Example:
+        >>> from lit_kt.models import SAKT
+        >>> predict_next(SAKT(num_exercises=10, max_len=8), [3, 4, 3], [0, 1, 1], [3, 7]).shape
+        torch.Size([2])
+    """
+    ex, resp, cand = _as_ids(exercises, "exercises"), _as_ids(responses, "responses"), _as_ids(candidates, "candidates")
+    if ex.numel() != resp.numel():
+        raise ValueError(
+            f"Expected `exercises` and `responses` to have the same length but got {ex.numel()} and {resp.numel()}."
+        )
+    if cand.numel() == 0:
+        raise ValueError("Expected at least one id in `candidates` but got none.")
+    n = model.num_exercises
+    for name, ids in (("exercises", ex), ("candidates", cand)):
+        bad = ((ids < 1) | (ids > n)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"Expected `{name}` ids between 1 and num_exercises ({n}) but got {int(ids[i])} at position {i}"
+                " (an exercise the model was not trained on)."
+            )
+    bad = ((resp != 0) & (resp != 1)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"Expected `responses` to be 0 or 1 but got {int(resp[i])} at position {i}.")
+    if model.max_len is not None:
+        keep = model.max_len - 1
+        if len(ex) > keep:
+            ex, resp = ex[len(ex) - keep :], resp[len(resp) - keep :]
+    device = next(model.parameters()).device
+    C = cand.numel()
+    batch_ex = torch.cat([ex.expand(C, -1), cand.unsqueeze(1)], dim=1).to(device)  # (C, h + 1)
+    # The candidate's own response is never seen by its prediction (causality); 0 is a placeholder.
+    batch_resp = torch.cat([resp.expand(C, -1), torch.zeros(C, 1, dtype=torch.long)], dim=1).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(batch_ex, batch_resp)  # (C, h + 1)
+    finally:
+        model.train(was_training)
+    return torch.sigmoid(logits[:, -1].float()).cpu()

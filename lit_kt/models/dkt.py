@@ -1,0 +1,77 @@
+"""DKT: Deep Knowledge Tracing (Piech et al., NeurIPS 2015), the recurrent baseline.
+
+An LSTM reads the interaction sequence (exercise id and correctness as one embedded token, the learned-embedding
+equivalent of the paper's one-hot input) and, at every step, outputs one logit per exercise; the prediction for
+position ``t`` is the logit of ``exercises[:, t]``. The forward contract matches :class:`~lit_kt.models.SAKT`: the
+LSTM input at position ``t`` is interaction ``t - 1`` (a learned start token at ``t = 0``), so ``logits[:, t]`` sees
+``exercises[:, :t+1]`` and ``responses[:, :t]`` only. Right padding (id 0) cannot reach real positions because the
+LSTM runs forward in time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class DKT(nn.Module):
+    """Deep Knowledge Tracing with an LSTM.
+
+    Args:
+        num_exercises: Number of exercise ids; ids run from 1 to ``num_exercises`` and 0 is padding.
+        hidden_size: LSTM hidden width.
+        num_layers: Stacked LSTM layers.
+        embedding_dim: Width of the interaction embedding fed to the LSTM.
+        dropout: Dropout on the LSTM output (and between LSTM layers when there are several).
+
+    Example:
+        >>> model = DKT(num_exercises=50, hidden_size=32)
+        >>> model(torch.randint(1, 51, (2, 7)), torch.randint(0, 2, (2, 7))).shape
+        torch.Size([2, 7])
+    """
+
+    def __init__(
+        self,
+        num_exercises: int,
+        hidden_size: int = 200,
+        num_layers: int = 1,
+        embedding_dim: int = 200,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if num_exercises < 1:
+            raise ValueError(f"Expected `num_exercises` to be >= 1 but got {num_exercises}.")
+        self.config = dict(
+            num_exercises=num_exercises,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            embedding_dim=embedding_dim,
+            dropout=dropout,
+        )
+        self.num_exercises = num_exercises
+        self.max_len = None  # recurrent: no limit on the history it can read
+        self.interaction_emb = nn.Embedding(2 * num_exercises + 1, embedding_dim, padding_idx=0)
+        self.start = nn.Parameter(torch.randn(embedding_dim) * 0.02)
+        self.lstm = nn.LSTM(
+            embedding_dim, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, num_exercises + 1)
+
+    def forward(self, exercises: Tensor, responses: Tensor) -> Tensor:
+        """Predict the correctness of every position from the history before it.
+
+        Args:
+            exercises: (B, L) exercise ids, 1..num_exercises, right-padded with 0.
+            responses: (B, L) 0/1 correctness (values at padded positions are ignored).
+
+        Returns:
+            (B, L) logits, where ``logits[:, t]`` predicts ``responses[:, t]``.
+        """
+        B, L = exercises.shape
+        interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
+        past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
+        x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
+        h, _ = self.lstm(x)  # (B, L, H)
+        all_logits = self.head(self.drop(h))  # (B, L, num_exercises + 1)
+        return all_logits.gather(-1, exercises.unsqueeze(-1)).squeeze(-1)  # (B, L)

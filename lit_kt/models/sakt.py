@@ -1,0 +1,151 @@
+"""SAKT: Self-Attentive Knowledge Tracing (Pandey & Karypis, EDM 2019).
+
+The model predicts whether a student answers exercise ``e_t`` correctly from the exercises and responses before it.
+Each block is one multi-head attention whose *query* is the exercise being predicted and whose *keys and values*
+are the past interactions (exercise id and correctness, one embedding per pair) plus a learned position embedding,
+under a causal mask; then residual + layer norm, a position-wise feed-forward layer, residual + layer norm. Stacked
+blocks feed the previous block's output in as the next query and keep attending to the same interactions.
+
+Alignment (why there is a start token): the prediction at position ``t`` may see ``exercises[:, :t+1]`` and
+``responses[:, :t]``. The key/value sequence is therefore the interaction sequence shifted right by one, with a
+learned start embedding at position 0, so position 0 gets a prediction too (from the exercise id alone). With a
+causal mask (query ``t`` attends to key positions ``<= t``), key ``t`` holds interaction ``t - 1``.
+
+Padding is id 0 and must sit at the *end* of each row (right padding): causal attention then never lets a real
+position see a padded one, so padding cannot change real predictions. Logits at padded positions are meaningless
+and must be masked out by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SAKTBlock(nn.Module):
+    """One SAKT attention block: causal multi-head attention of exercises over interactions, then a feed-forward.
+
+    Args:
+        d_model: Width of every embedding and hidden state.
+        num_heads: Attention heads; must divide ``d_model``.
+        dropout: Dropout on the attention weights and after each sub-layer.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, d_model)
+        )
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, query: Tensor, interactions: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` (B, L, D) to ``interactions`` (B, L, D); returns the output and, if asked, weights."""
+        B, L, D = query.shape
+        H = self.num_heads
+        q = self.q_proj(query).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        k, v = self.kv_proj(interactions).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D/H)
+        weights = None
+        if need_weights:
+            # The explicit path exists only to expose the weights; training uses the fused kernel below.
+            scores = q @ k.transpose(-2, -1) / (D // H) ** 0.5  # (B, H, L, L)
+            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            attn = F.dropout(weights, self.dropout, self.training) @ v  # (B, H, L, D/H)
+        else:
+            attn = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )  # (B, H, L, D/H)
+        attn = self.out_proj(attn.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        x = self.attn_norm(query + self.drop(attn))
+        x = self.ffn_norm(x + self.drop(self.ffn(x)))
+        return x, weights
+
+
+class SAKT(nn.Module):
+    """Self-Attentive Knowledge Tracing.
+
+    Args:
+        num_exercises: Number of exercise ids; ids run from 1 to ``num_exercises`` and 0 is padding.
+        d_model: Embedding and hidden width.
+        num_heads: Attention heads; must divide ``d_model``.
+        num_layers: Attention blocks stacked (the paper uses 1).
+        max_len: Longest sequence the position embedding covers.
+        dropout: Dropout rate inside the blocks and on the embeddings.
+
+    Example:
+        >>> model = SAKT(num_exercises=50, d_model=32, num_heads=4, max_len=20)
+        >>> exercises = torch.randint(1, 51, (2, 20)); responses = torch.randint(0, 2, (2, 20))
+        >>> model(exercises, responses).shape
+        torch.Size([2, 20])
+    """
+
+    def __init__(
+        self,
+        num_exercises: int,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        max_len: int = 100,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if num_exercises < 1:
+            raise ValueError(f"Expected `num_exercises` to be >= 1 but got {num_exercises}.")
+        if d_model % num_heads != 0:
+            raise ValueError(f"Expected `d_model` ({d_model}) to be divisible by `num_heads` but got {num_heads}.")
+        if num_layers < 1 or max_len < 1:
+            raise ValueError(f"Expected `num_layers` and `max_len` to be >= 1 but got {num_layers} and {max_len}.")
+        self.config = dict(
+            num_exercises=num_exercises,
+            d_model=d_model,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            max_len=max_len,
+            dropout=dropout,
+        )
+        self.num_exercises = num_exercises
+        self.max_len = max_len
+        # Interaction id = exercise + num_exercises * response, so 1..2E; id 0 (padding) gets a zero vector.
+        self.interaction_emb = nn.Embedding(2 * num_exercises + 1, d_model, padding_idx=0)
+        self.exercise_emb = nn.Embedding(num_exercises + 1, d_model, padding_idx=0)
+        self.position_emb = nn.Embedding(max_len, d_model)
+        self.start = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(SAKTBlock(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.head = nn.Linear(d_model, 1)
+
+    def forward(self, exercises: Tensor, responses: Tensor, return_attention: bool = False):
+        """Predict the correctness of every position from the history before it.
+
+        Args:
+            exercises: (B, L) exercise ids, 1..num_exercises, right-padded with 0.
+            responses: (B, L) 0/1 correctness (values at padded positions are ignored).
+            return_attention: Also return each block's attention weights, a list of (B, H, L, L) tensors where
+                key ``j`` is the start token (``j = 0``) or interaction ``j - 1``.
+
+        Returns:
+            (B, L) logits, where ``logits[:, t]`` predicts ``responses[:, t]``; with ``return_attention`` a tuple
+            ``(logits, weights)``.
+        """
+        B, L = exercises.shape
+        if L > self.max_len:
+            raise ValueError(f"Expected sequences of length <= max_len ({self.max_len}) but got length {L}.")
+        interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
+        past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, D)
+        kv = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, D)
+        kv = self.emb_drop(kv + self.position_emb.weight[:L])
+        x = self.emb_drop(self.exercise_emb(exercises))  # (B, L, D)
+        weights = []
+        for block in self.blocks:
+            x, w = block(x, kv, need_weights=return_attention)
+            weights.append(w)
+        logits = self.head(x).squeeze(-1)  # (B, L)
+        return (logits, weights) if return_attention else logits

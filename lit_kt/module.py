@@ -1,0 +1,149 @@
+"""Lightning systems for knowledge tracing: one ``KTModule`` for any model with the KT forward contract.
+
+A KT model is an ``nn.Module`` whose ``forward(exercises, responses)`` maps (B, L) ids and 0/1 responses to (B, L)
+logits, where ``logits[:, t]`` sees ``exercises[:, :t+1]`` and ``responses[:, :t]`` only (:class:`~lit_kt.models.SAKT`,
+:class:`~lit_kt.models.DKT`). It also exposes ``num_exercises``, ``max_len`` (``None`` when unbounded) and ``config``
+(its constructor arguments, so a checkpoint can rebuild it).
+
+Checkpoint policy: ``save_hyperparameters`` stores the model as ``{"class_path", "init_args"}`` (built from the
+model's ``config``), so ``KTModule.load_from_checkpoint(path)`` rebuilds it with no arguments, whether the module
+was made in Python or by ``lit-kt``. Optimizer and scheduler callables are not stored: pass them again (or keep
+them in the YAML) when resuming training.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanSquaredError, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from lit_kt.inference import predict_next
+from lit_kt.losses import masked_bce_with_logits
+from lit_kt.models import DKT, SAKT
+
+
+def _model_spec(model: nn.Module) -> dict[str, Any]:
+    cls = type(model)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(model.config)}
+
+
+def _build_model(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from ``{"class_path", "init_args"}`` (a checkpoint's hyperparameters)."""
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"Expected `model.class_path` to name an nn.Module subclass but got {spec['class_path']!r}.")
+    return cls(**spec.get("init_args", {}))
+
+
+class KTModule(L.LightningModule):
+    """Trains and evaluates a knowledge-tracing model with a masked binary cross-entropy.
+
+    Metrics (``val/`` and ``test/`` prefixes): ``auc`` (AUROC), ``acc`` (accuracy at 0.5) and ``rmse``, computed over
+    the scored positions of the batch (``batch["mask"]``) only; ``train/loss`` and ``val/loss`` are logged too.
+
+    Args:
+        model: A KT model (see the module docstring), or its ``{"class_path", "init_args"}`` spec.
+        optimizer: Builds the optimizer from the parameters.
+        lr_scheduler: Builds a learning-rate scheduler from the optimizer, stepped every epoch; ``None`` for none.
+
+    Example:
+        >>> module = KTModule(SAKT(num_exercises=110))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        # Callables and modules do not belong in a checkpoint's hyperparameters; the model's spec does.
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        if isinstance(model, dict):
+            model = _build_model(model)
+        self.hparams["model"] = _model_spec(model)
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        metrics = MetricCollection(
+            {"auc": BinaryAUROC(), "acc": BinaryAccuracy(), "rmse": MeanSquaredError(squared=False)}
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, exercises: Tensor, responses: Tensor) -> Tensor:
+        """(B, L) logits; see the model's contract."""
+        return self.model(exercises, responses)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _, _ = self._shared_step(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["exercises"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-position probabilities of a correct answer, with the batch's ``mask`` and ``index``."""
+        probs = torch.sigmoid(self(batch["exercises"], batch["responses"]))  # (B, L)
+        return {"probabilities": probs, "mask": batch["mask"], "index": batch["index"]}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.model.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    def predict_next(
+        self, exercises: Sequence[int], responses: Sequence[int], candidates: int | Sequence[int]
+    ) -> Tensor:
+        """Probability that the student answers each candidate correctly next; see :func:`lit_kt.predict_next`."""
+        return predict_next(self.model, exercises, responses, candidates)
+
+    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self(batch["exercises"], batch["responses"])  # (B, L)
+        mask = batch["mask"]
+        loss = masked_bce_with_logits(logits, batch["responses"], mask)
+        return loss, logits[mask], batch["responses"][mask]
+
+    def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
+        loss, logits, targets = self._shared_step(batch)
+        metrics.update(torch.sigmoid(logits.float()), targets)
+        n = int(batch["mask"].sum())  # weight the epoch mean by scored positions, not by rows
+        self.log(f"{stage}/loss", loss, batch_size=max(n, 1))
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+
+class SAKTModule(KTModule):
+    """:class:`KTModule` for a :class:`~lit_kt.models.SAKT` model (same arguments; the type narrows CLI configs)."""
+
+    def __init__(
+        self,
+        model: SAKT,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, lr_scheduler)
+
+
+class DKTModule(KTModule):
+    """:class:`KTModule` for a :class:`~lit_kt.models.DKT` model (same arguments; the type narrows CLI configs)."""
+
+    def __init__(
+        self,
+        model: DKT,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, lr_scheduler)

@@ -1,0 +1,237 @@
+"""Simulated students for knowledge tracing, after the synthetic data of the DKT paper.
+
+Piech et al. (2015), "Deep Knowledge Tracing", evaluate on simulated students who answer exercises
+that each exercise one of a few latent concepts. This module implements a small, fully documented
+variant of that simulator, so that models can be checked against a known ground truth: the true
+probability of every drawn response is returned alongside the responses, and
+:meth:`SyntheticStudents.oracle_auc` gives the ROC AUC that this ground truth reaches, which is the
+best any model can hope to reach in expectation.
+
+Model
+-----
+With ``E = num_exercises``, ``K = num_concepts``, ``N = num_students``, ``L = seq_len``,
+``c = guess`` and ``eta = learning_rate``:
+
+* Exercises. Exercise id ``e`` in ``1..E`` belongs to concept ``k_e`` in ``0..K-1`` and has difficulty
+  ``beta_e ~ N(0, 1)``. Concepts are assigned so that every concept gets at least one exercise: the
+  first ``K`` slots hold each concept once, the other ``E - K`` slots draw a concept uniformly at
+  random, then the slots are shuffled over the exercise ids.
+* Students. Student ``s`` starts with one ability per concept, ``alpha_{s,k}(0) ~ N(0, 1)``.
+* Exercise order. With ``fixed_order=True`` every student does the same exercises in the same order,
+  as in the DKT paper: ``e_t = (t mod E) + 1`` for ``t = 0..L-1`` (ids ``1..E`` cycling when
+  ``L > E``). With ``fixed_order=False`` each student draws ``e_t`` uniformly from ``1..E`` at every
+  step, independently.
+* Responses (item response theory with guessing). At step ``t``, with ``k = k_{e_t}``::
+
+      p_{s,t} = c + (1 - c) * sigmoid(alpha_{s,k}(t) - beta_{e_t}),   sigmoid(x) = 1 / (1 + exp(-x))
+      r_{s,t} ~ Bernoulli(p_{s,t})
+
+  so ``p`` lies in ``[c, 1]``: a student who knows nothing still guesses right with probability ``c``.
+* Learning. After answering, the practised concept improves by a constant gain, whatever the
+  response (practice makes progress)::
+
+      alpha_{s,k}(t + 1) = alpha_{s,k}(t) + eta,   other concepts unchanged.
+
+  With ``eta = 0`` the students do not learn and a student's probability on an exercise is the same
+  every time they meet it.
+
+All randomness comes from ``np.random.default_rng(seed)``, drawn in a fixed order (concepts,
+difficulties, abilities, exercise ids, uniforms for the responses), so a seed gives identical data.
+The draws are vectorised over students; only the ``L`` steps are a Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lit_kt.formats import StudentSequence
+
+__all__ = ["SyntheticStudents", "generate_students", "roc_auc"]
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve, by the Mann-Whitney rank formula.
+
+    Scores are ranked in ascending order with tied scores given the average of their ranks, so a
+    (positive, negative) pair with equal scores counts one half. With ``R+`` the sum of the ranks of
+    the positives, ``n+`` positives and ``n-`` negatives::
+
+        AUC = (R+ - n+ (n+ + 1) / 2) / (n+ n-)
+
+    which is the fraction of (positive, negative) pairs in which the positive scores higher.
+
+    Args:
+        scores: 1-D array of real scores, higher meaning "more likely positive".
+        labels: 1-D array of the same length with values 0 or 1 (or booleans).
+
+    Returns:
+        The ROC AUC, a float in ``[0, 1]``.
+
+    Raises:
+        ValueError: If the arrays are not 1-D of the same non-zero length, if a score is not finite, if
+            a label is not 0 or 1, or if the labels are all of one class.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    if scores.ndim != 1 or labels.ndim != 1 or scores.shape != labels.shape:
+        raise ValueError(
+            f"Expected `scores` and `labels` to be 1-D arrays of the same length but got shapes "
+            f"{scores.shape} and {labels.shape}."
+        )
+    if scores.size == 0:
+        raise ValueError("Expected `scores` and `labels` to be non-empty.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("Expected `scores` to be finite but got NaN or infinite values.")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError("Expected `labels` to contain only 0 and 1.")
+    positive = labels == 1
+    n_pos = int(positive.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("Expected `labels` to contain both classes (0 and 1) but got a single class.")
+
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    # Tie groups of the sorted scores: group g covers sorted positions starts[g] .. ends[g] - 1.
+    new_group = np.empty(scores.size, dtype=bool)
+    new_group[0] = True
+    new_group[1:] = sorted_scores[1:] != sorted_scores[:-1]
+    starts = np.flatnonzero(new_group)
+    ends = np.append(starts[1:], scores.size)
+    # 1-based ranks start+1 .. end average to (start + 1 + end) / 2.
+    group_rank = (starts + 1 + ends) / 2.0
+    ranks = np.empty(scores.size, dtype=np.float64)
+    ranks[order] = np.repeat(group_rank, ends - starts)
+
+    rank_sum = float(ranks[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+@dataclass(frozen=True)
+class SyntheticStudents:
+    """Simulated students together with the ground truth they were drawn from.
+
+    Attributes:
+        sequences: One :class:`~lit_kt.formats.StudentSequence` per student, exercise ids in
+            ``1..num_exercises`` and responses in ``{0, 1}``.
+        probabilities: Per student, a ``(L,)`` float64 array of the true probability of a correct
+            answer from which each response was drawn.
+        exercise_concepts: ``(num_exercises,)`` int64, the concept (``0..num_concepts-1``) of exercise
+            id ``e`` at index ``e - 1``.
+        exercise_difficulty: ``(num_exercises,)`` float64, the difficulty ``beta`` of exercise id ``e``
+            at index ``e - 1``.
+    """
+
+    sequences: list[StudentSequence]
+    probabilities: list[np.ndarray]
+    exercise_concepts: np.ndarray
+    exercise_difficulty: np.ndarray
+
+    def oracle_auc(self) -> float:
+        """ROC AUC of the true probabilities against the drawn responses, over all steps of all students.
+
+        This is what a model that knew the simulator's parameters would score, the best any model can
+        reach in expectation.
+
+        Returns:
+            The ROC AUC, a float in ``[0, 1]``.
+
+        Raises:
+            ValueError: If all drawn responses are of one class.
+        """
+        scores = np.concatenate(self.probabilities)
+        labels = np.concatenate([sequence.responses for sequence in self.sequences])
+        return roc_auc(scores, labels)
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None, high_name: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"Expected `{name}` to be an integer but got {value!r}.")
+    if high is None:
+        if value < low:
+            raise ValueError(f"Expected `{name}` to be at least {low} but got {value}.")
+    elif not low <= value <= high:
+        raise ValueError(f"Expected `{name}` to be between {low} and {high_name} ({high}) but got {value}.")
+
+
+def generate_students(
+    num_students: int = 4000,
+    num_exercises: int = 50,
+    num_concepts: int = 5,
+    seq_len: int = 50,
+    learning_rate: float = 0.1,
+    guess: float = 0.25,
+    seed: int = 0,
+    fixed_order: bool = False,
+) -> SyntheticStudents:
+    """Simulate students answering exercises, as described in the module docstring.
+
+    Args:
+        num_students: Number of students ``N`` (sequences), at least 1.
+        num_exercises: Number of exercises ``E``; ids are ``1..E`` (0 is left for padding). At least 1.
+        num_concepts: Number of latent concepts ``K``, between 1 and ``num_exercises``.
+        seq_len: Number of steps ``L`` per student, at least 1.
+        learning_rate: Ability gain ``eta`` on the practised concept after each step, at least 0.
+        guess: Guessing probability ``c``, the floor of ``P(correct)``, in ``[0, 1)``.
+        seed: Seed of ``np.random.default_rng``; the same seed gives the same data.
+        fixed_order: If True, every student does exercises ``1, 2, ..., E, 1, 2, ...`` in this order
+            (the DKT paper's setting); if False, each step's exercise is drawn uniformly per student.
+
+    Returns:
+        The simulated sequences, the true probabilities behind every response and the exercises'
+        concepts and difficulties.
+
+    Raises:
+        ValueError: If an argument is out of range; the message names the argument.
+    """
+    _check_int("num_students", num_students, 1)
+    _check_int("num_exercises", num_exercises, 1)
+    _check_int("num_concepts", num_concepts, 1, num_exercises, "num_exercises")
+    _check_int("seq_len", seq_len, 1)
+    if not (isinstance(guess, (int, float, np.floating)) and 0.0 <= guess < 1.0):
+        raise ValueError(f"Expected `guess` to be in [0, 1) but got {guess!r}.")
+    if not (
+        isinstance(learning_rate, (int, float, np.floating)) and math.isfinite(learning_rate) and learning_rate >= 0.0
+    ):
+        raise ValueError(f"Expected `learning_rate` to be a finite number >= 0 but got {learning_rate!r}.")
+
+    rng = np.random.default_rng(seed)
+    n, e, k, length = int(num_students), int(num_exercises), int(num_concepts), int(seq_len)
+
+    # Exercises: every concept at least once, the rest uniform, shuffled over the ids.
+    concepts = np.concatenate([np.arange(k), rng.integers(0, k, size=e - k)]).astype(np.int64)
+    rng.shuffle(concepts)
+    difficulty = rng.standard_normal(e)
+
+    # Students: initial abilities, exercise ids, and uniforms deciding the responses.
+    ability = rng.standard_normal((n, k))
+    if fixed_order:
+        exercises = np.broadcast_to(np.arange(length, dtype=np.int64) % e + 1, (n, length)).copy()
+    else:
+        exercises = rng.integers(1, e + 1, size=(n, length), dtype=np.int64)
+    uniforms = rng.random((n, length))
+
+    probabilities = np.empty((n, length), dtype=np.float64)
+    rows = np.arange(n)
+    for t in range(length):
+        exercise = exercises[:, t] - 1
+        concept = concepts[exercise]
+        logit = ability[rows, concept] - difficulty[exercise]
+        # sigmoid(x) = (1 + tanh(x / 2)) / 2, which does not overflow for large |x|.
+        probabilities[:, t] = guess + (1.0 - guess) * 0.5 * (1.0 + np.tanh(0.5 * logit))
+        ability[rows, concept] += learning_rate
+    responses = (uniforms < probabilities).astype(np.int64)
+
+    sequences = [
+        StudentSequence(exercises=exercises[s].copy(), responses=responses[s].copy(), student=f"synthetic-{s}")
+        for s in range(n)
+    ]
+    return SyntheticStudents(
+        sequences=sequences,
+        probabilities=[probabilities[s].copy() for s in range(n)],
+        exercise_concepts=concepts,
+        exercise_difficulty=difficulty,
+    )
