@@ -130,8 +130,9 @@ class KTDataModule(L.LightningDataModule):
     both sides). The test set is never used for anything but testing and prediction.
 
     Without ``data_dir`` the data are simulated students (:func:`lit_kt.synthetic.generate_students`): half of
-    ``synthetic_students`` for training (minus the validation fraction), half for testing. Their true probabilities
-    give the oracle AUC (:meth:`oracle_auc`).
+    ``synthetic_students`` for training (minus the validation fraction), half for testing. The simulator gives the
+    oracle AUC on the test students (:meth:`oracle_auc`, the best any model can reach from the history) and the
+    AUC of the true probabilities (:meth:`true_probability_auc`, an unreachable upper bound).
 
     Args:
         data_dir: Folder with ``train.csv`` and ``test.csv``; ``None`` for simulated students.
@@ -183,7 +184,7 @@ class KTDataModule(L.LightningDataModule):
         window_spans(1, max_len, eval_stride)  # validates max_len and eval_stride early
         self.save_hyperparameters()
         self._splits: dict[str, list[StudentSequence]] | None = None
-        self._probabilities: dict[str, list[np.ndarray]] = {}
+        self._synthetic = None  # the simulated students, when there is no data_dir
         self._num_exercises: int | None = None
 
     # ------------------------------------------------------------------ loading
@@ -225,7 +226,7 @@ class KTDataModule(L.LightningDataModule):
             )
             half = h.synthetic_students // 2
             train, test = sim.sequences[half:], sim.sequences[:half]
-            self._probabilities["test"] = sim.probabilities[:half]
+            self._synthetic = sim
             train, val = self._split_off_validation(train)
         elif h.fold is not None:
             train, val, test = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv"), self._read("test.csv")
@@ -258,16 +259,26 @@ class KTDataModule(L.LightningDataModule):
         return self._load()[split]
 
     def oracle_auc(self) -> float | None:
-        """AUC of the true probabilities on the test students (simulated data only; ``None`` for files)."""
-        if "test" not in self._probabilities:
-            self._load()
-        if "test" not in self._probabilities:
+        """Best test AUC any model can reach in expectation (simulated students only; ``None`` for files).
+
+        The AUC of the Bayes-optimal predictions on the test students: the posterior predictive of the true
+        simulator given each student's history (:meth:`lit_kt.SyntheticStudents.oracle_probabilities`).
+        """
+        return self._reference_auc(lambda sim: sim.oracle_probabilities())
+
+    def true_probability_auc(self) -> float | None:
+        """Test AUC of the simulator's true probabilities: an upper bound no model reaches (``None`` for files)."""
+        return self._reference_auc(lambda sim: sim.probabilities)
+
+    def _reference_auc(self, probabilities) -> float | None:
+        self._load()
+        if self._synthetic is None:
             return None
         from lit_kt.synthetic import roc_auc
 
-        probs = np.concatenate(self._probabilities["test"])
-        labels = np.concatenate([s.responses for s in self.sequences("test")])
-        return roc_auc(probs, labels)
+        test = self.sequences("test")
+        probs = np.concatenate(probabilities(self._synthetic)[: len(test)])  # the test students come first
+        return roc_auc(probs, np.concatenate([s.responses for s in test]))
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:

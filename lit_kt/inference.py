@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 
 def _as_ids(values: int | Sequence[int] | Tensor, name: str) -> Tensor:
-    ids = torch.as_tensor(values).reshape(-1) if not isinstance(values, int) else torch.tensor([values])
+    if isinstance(values, int):
+        values = [values]
+    ids = torch.as_tensor(values).reshape(-1) if len(values) else torch.zeros(0, dtype=torch.long)
     if ids.is_floating_point() or ids.dtype == torch.bool:
         raise TypeError(f"Expected `{name}` to hold integers but got dtype {ids.dtype}.")
     return ids.long()

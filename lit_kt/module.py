@@ -105,6 +105,12 @@ class KTModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
+    def on_fit_start(self) -> None:
+        # A `trainer.validate` before `fit` leaves metric states created under inference mode, which fit's
+        # validation (run under no_grad) cannot update in place; fresh states avoid that.
+        self.val_metrics.reset()
+        self.test_metrics.reset()
+
     def predict_next(
         self, exercises: Sequence[int], responses: Sequence[int], candidates: int | Sequence[int]
     ) -> Tensor:

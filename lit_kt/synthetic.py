@@ -2,10 +2,19 @@
 
 Piech et al. (2015), "Deep Knowledge Tracing", evaluate on simulated students who answer exercises
 that each exercise one of a few latent concepts. This module implements a small, fully documented
-variant of that simulator, so that models can be checked against a known ground truth: the true
-probability of every drawn response is returned alongside the responses, and
-:meth:`SyntheticStudents.oracle_auc` gives the ROC AUC that this ground truth reaches, which is the
-best any model can hope to reach in expectation.
+variant of that simulator, so that models can be checked against a known ground truth. Two reference
+AUCs come with the data:
+
+* :meth:`SyntheticStudents.oracle_auc` is the ROC AUC of the Bayes-optimal prediction: the posterior
+  predictive ``P(r_t = 1 | e_1..e_t, r_1..r_{t-1})`` of the true generating process, with the
+  exercises' concepts and difficulties, the guessing floor and the learning rate known, and each
+  student's abilities inferred from their own earlier answers only (see
+  :meth:`SyntheticStudents.oracle_probabilities`). This is the best a model can reach in expectation
+  from the history, the right target for a learned model (which does not even know the exercise
+  parameters, so it should stay a little below).
+* :meth:`SyntheticStudents.true_probability_auc` is the ROC AUC of the true probabilities themselves, returned
+  alongside the responses. It is an upper bound that no model reaches: it knows every student's
+  abilities before they answer anything.
 
 Model
 -----
@@ -123,18 +132,24 @@ class SyntheticStudents:
             id ``e`` at index ``e - 1``.
         exercise_difficulty: ``(num_exercises,)`` float64, the difficulty ``beta`` of exercise id ``e``
             at index ``e - 1``.
+        learning_rate: The ability gain ``eta`` per practice of a concept.
+        guess: The guessing probability ``c``, the floor of ``P(correct)``.
     """
 
     sequences: list[StudentSequence]
     probabilities: list[np.ndarray]
     exercise_concepts: np.ndarray
     exercise_difficulty: np.ndarray
+    learning_rate: float
+    guess: float
 
-    def oracle_auc(self) -> float:
+    def true_probability_auc(self) -> float:
         """ROC AUC of the true probabilities against the drawn responses, over all steps of all students.
 
-        This is what a model that knew the simulator's parameters would score, the best any model can
-        reach in expectation.
+        This is an upper bound that no model reaches, not even one that knows the simulator's parameters:
+        the true probabilities use each student's abilities ``alpha_{s,k}(0)``, known here before the
+        student has answered anything. A model can only infer them from the answers it has seen; the best
+        it can do in expectation is :meth:`oracle_auc`, the right target for a learned model.
 
         Returns:
             The ROC AUC, a float in ``[0, 1]``.
@@ -145,6 +160,139 @@ class SyntheticStudents:
         scores = np.concatenate(self.probabilities)
         labels = np.concatenate([sequence.responses for sequence in self.sequences])
         return roc_auc(scores, labels)
+
+    def oracle_probabilities(self, grid_size: int = 401, grid_limit: float = 6.0) -> list[np.ndarray]:
+        """Bayes-optimal predictions: the posterior predictive probability of every response given the history.
+
+        For student ``s`` at step ``t`` this is ``P(r_t = 1 | e_1..e_t, r_1..r_{t-1})`` under the true
+        generating process, with the exercises' concepts and difficulties, ``guess`` and ``learning_rate``
+        known and the abilities unknown (prior ``N(0, 1)``). The concepts are independent a priori and
+        learning is deterministic, ``alpha_k(t) = alpha_k(0) + eta * n_k(t)`` with ``n_k(t)`` the number of
+        earlier attempts on concept ``k``, so the posterior factorises over concepts and each factor is a
+        one-dimensional distribution of ``alpha_k(0)``. It is discretised on ``grid_size`` equally spaced
+        points over ``[-grid_limit, grid_limit]``, with prior weights proportional to the ``N(0, 1)``
+        density. At each step the prediction is the posterior mean of
+        ``p = c + (1 - c) sigmoid(alpha_k(0) + eta * n_k(t) - beta_e)`` for the concept ``k`` practised,
+        then that concept's log-posterior adds the log-likelihood of the observed response.
+
+        The computation is vectorised over the students of each sequence length (the simulator gives all
+        students the same length); only the steps are a Python loop.
+
+        Args:
+            grid_size: Number of grid points of ``alpha(0)``, at least 2.
+            grid_limit: Half-width of the grid, positive.
+
+        Returns:
+            Per student, a ``(L,)`` float64 array of predicted probabilities, in the order of
+            :attr:`sequences`.
+
+        Raises:
+            ValueError: If the grid arguments are out of range, or an exercise id of a sequence has no
+                concept and difficulty (``> num_exercises``).
+        """
+        _check_int("grid_size", grid_size, 2)
+        if not (math.isfinite(grid_limit) and grid_limit > 0.0):
+            raise ValueError(f"Expected `grid_limit` to be a finite number > 0 but got {grid_limit!r}.")
+        num_exercises = self.exercise_concepts.shape[0]
+        for index, sequence in enumerate(self.sequences):
+            if sequence.exercises.size and sequence.exercises.max() > num_exercises:
+                raise ValueError(
+                    f"Expected exercise ids in 1..{num_exercises} but student {index} has exercise id "
+                    f"{int(sequence.exercises.max())}."
+                )
+        grid = np.linspace(-grid_limit, grid_limit, int(grid_size))
+        lengths = np.array([sequence.exercises.size for sequence in self.sequences], dtype=np.int64)
+        result = [np.empty(0, dtype=np.float64) for _ in self.sequences]
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            if length == 0:
+                continue
+            exercises = np.stack([self.sequences[i].exercises for i in members])
+            responses = np.stack([self.sequences[i].responses for i in members])
+            predictions = _bayes_predictions(
+                exercises,
+                responses,
+                self.exercise_concepts,
+                self.exercise_difficulty,
+                float(self.learning_rate),
+                float(self.guess),
+                grid,
+            )
+            for row, i in enumerate(members):
+                result[i] = predictions[row].copy()
+        return result
+
+    def oracle_auc(self) -> float:
+        """ROC AUC of the Bayes-optimal predictions (:meth:`oracle_probabilities`) over all steps of all students.
+
+        This is the best a model that knows the simulator's exercise parameters (concepts, difficulties,
+        guessing floor, learning rate) can reach in expectation from each student's history, and so the
+        right target for a learned model; :meth:`true_probability_auc` is higher, as it knows the abilities too.
+
+        Returns:
+            The ROC AUC, a float in ``[0, 1]``.
+
+        Raises:
+            ValueError: If all drawn responses are of one class.
+        """
+        scores = np.concatenate(self.oracle_probabilities())
+        labels = np.concatenate([sequence.responses for sequence in self.sequences])
+        return roc_auc(scores, labels)
+
+
+def _bayes_predictions(
+    exercises: np.ndarray,
+    responses: np.ndarray,
+    concepts: np.ndarray,
+    difficulty: np.ndarray,
+    learning_rate: float,
+    guess: float,
+    grid: np.ndarray,
+) -> np.ndarray:
+    """Posterior predictive probabilities for ``(N, L)`` exercises and responses of equal-length students."""
+    n, length = exercises.shape
+    num_concepts = int(concepts.max()) + 1
+    rows = np.arange(n)
+    exercise = exercises - 1
+    concept = concepts[exercise]  # (n, length)
+
+    # Earlier attempts n_k(t) on the practised concept: they depend on the exercises only, not on the responses.
+    count = np.empty((n, length), dtype=np.int64)
+    practice = np.zeros((n, num_concepts), dtype=np.int64)
+    for t in range(length):
+        count[:, t] = practice[rows, concept[:, t]]
+        practice[rows, concept[:, t]] += 1
+
+    # p and the log-likelihood of the response on the grid depend on (student, step) only through the triple
+    # (exercise, count, response): compute them once per distinct triple (at most 2 E L), then look them up.
+    key = (exercise * length + count) * 2 + responses
+    unique_key, inverse = np.unique(key.ravel(), return_inverse=True)
+    inverse = inverse.reshape(n, length)
+    unique_correct = (unique_key % 2)[:, None] == 1
+    offset = learning_rate * ((unique_key // 2) % length) - difficulty[unique_key // (2 * length)]
+    logit = grid[None, :] + offset[:, None]  # (distinct, grid)
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2, which does not overflow for large |x|.
+    p = guess + (1.0 - guess) * 0.5 * (1.0 + np.tanh(0.5 * logit))
+    # Log-likelihood of the response, without cancellation or underflow:
+    # log P(r=0) = log(1 - c) + log sigmoid(-x) = log(1 - c) - log(1 + e^x),
+    # log P(r=1) = log(c + (1 - c) sigmoid(x)) = logaddexp(log c, log(1 - c) - log(1 + e^-x)).
+    log_lik = math.log1p(-guess) - np.logaddexp(0.0, np.where(unique_correct, -logit, logit))
+    if guess > 0.0:
+        log_lik = np.where(unique_correct, np.logaddexp(math.log(guess), log_lik), log_lik)
+
+    # Log-posterior of alpha_{s,k}(0) on the grid, up to a constant per (s, k); starts at the N(0, 1) log-prior.
+    log_posterior = np.broadcast_to(-0.5 * grid**2, (n, num_concepts, grid.size)).copy()
+    predictions = np.empty((n, length), dtype=np.float64)
+    for t in range(length):
+        k = concept[:, t]
+        log_post = log_posterior[rows, k]  # (n, grid), a copy
+        log_post -= log_post.max(axis=1, keepdims=True)
+        weights = np.exp(log_post)
+        predictions[:, t] = np.einsum("ng,ng->n", weights, p[inverse[:, t]]) / weights.sum(axis=1)
+        log_post += log_lik[inverse[:, t]]
+        log_posterior[rows, k] = log_post
+    # A posterior mean of values in [c, 1] lies in [c, 1]; clip the last-bit rounding of the division.
+    return np.clip(predictions, guess, 1.0)
 
 
 def _check_int(name: str, value: int, low: int, high: int | None = None, high_name: str | None = None) -> None:
@@ -181,8 +329,8 @@ def generate_students(
             (the DKT paper's setting); if False, each step's exercise is drawn uniformly per student.
 
     Returns:
-        The simulated sequences, the true probabilities behind every response and the exercises'
-        concepts and difficulties.
+        The simulated sequences, the true probabilities behind every response, the exercises'
+        concepts and difficulties, and the learning rate and guessing floor.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument.
@@ -234,4 +382,6 @@ def generate_students(
         probabilities=[probabilities[s].copy() for s in range(n)],
         exercise_concepts=concepts,
         exercise_difficulty=difficulty,
+        learning_rate=float(learning_rate),
+        guess=float(guess),
     )

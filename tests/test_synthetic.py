@@ -209,11 +209,11 @@ def test_guess_zero_and_floor():
     assert np.stack(data.probabilities).min() >= 0.5
 
 
-def test_oracle_auc_defaults():
+def test_true_probability_auc_defaults():
     start = time.perf_counter()
     data = generate_students()
     elapsed = time.perf_counter() - start
-    auc = data.oracle_auc()
+    auc = data.true_probability_auc()
     print(f"oracle AUC (defaults) = {auc:.4f}, generated in {elapsed:.3f} s")
     assert 0.65 < auc < 1.0
     assert elapsed < 5.0  # well under a second normally; loose bound for loaded machines
@@ -227,7 +227,7 @@ def test_oracle_beats_shuffled_scores():
     _, responses, probabilities = _stack(data)
     shuffled = np.random.default_rng(0).permutation(probabilities.ravel())
     assert abs(roc_auc(shuffled, responses.ravel()) - 0.5) < 0.03
-    assert data.oracle_auc() > 0.6
+    assert data.true_probability_auc() > 0.6
 
 
 @pytest.mark.parametrize(
@@ -255,3 +255,164 @@ def test_num_concepts_message():
     with pytest.raises(ValueError) as info:
         generate_students(num_concepts=70)
     assert str(info.value) == "Expected `num_concepts` to be between 1 and num_exercises (50) but got 70."
+
+
+# ---------------------------------------------------------------- Bayes-optimal predictions
+
+# Fine quadrature grid of the initial ability, independent of the module's 401-point grid over [-6, 6].
+_A = np.linspace(-12.0, 12.0, 24001)
+_PHI = np.exp(-0.5 * _A**2) / np.sqrt(2.0 * np.pi)
+
+
+def _irt(logit: np.ndarray, guess: float) -> np.ndarray:
+    return guess + (1.0 - guess) / (1.0 + np.exp(-logit))
+
+
+def _hand_made(
+    histories: list[tuple[list[int], list[int]]],
+    concepts: list[int],
+    difficulty: list[float],
+    learning_rate: float,
+    guess: float,
+) -> SyntheticStudents:
+    sequences = [StudentSequence(exercises=np.array(e), responses=np.array(r)) for e, r in histories]
+    return SyntheticStudents(
+        sequences=sequences,
+        probabilities=[np.zeros(len(e)) for e, _ in histories],  # not used by the Bayes predictions
+        exercise_concepts=np.array(concepts, dtype=np.int64),
+        exercise_difficulty=np.array(difficulty, dtype=np.float64),
+        learning_rate=learning_rate,
+        guess=guess,
+    )
+
+
+def _quadrature_predictions(
+    exercises: list[int], responses: list[int], concepts: list[int], difficulty: list[float], eta: float, c: float
+) -> np.ndarray:
+    """Posterior predictive by direct integration over alpha_k(0) of the practised concept, step by step."""
+    out = []
+    for t, e in enumerate(exercises):
+        k = concepts[e - 1]
+        likelihood = np.ones_like(_A)
+        attempts = 0
+        for i in range(t):
+            if concepts[exercises[i] - 1] != k:
+                continue
+            p_i = _irt(_A + eta * attempts - difficulty[exercises[i] - 1], c)
+            likelihood *= p_i if responses[i] == 1 else 1.0 - p_i
+            attempts += 1
+        p_t = _irt(_A + eta * attempts - difficulty[e - 1], c)
+        out.append(np.trapezoid(p_t * likelihood * _PHI, _A) / np.trapezoid(likelihood * _PHI, _A))
+    return np.array(out)
+
+
+def test_bayes_matches_quadrature_one_concept_no_learning():
+    beta, c = 0.4, 0.2
+    histories = [
+        ([1] * 12, [1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 1, 0]),
+        ([1] * 12, [0] * 12),
+        ([1] * 12, [1] * 12),
+        ([1] * 5, [0, 1, 0, 0, 1]),  # another length: its own group
+    ]
+    data = _hand_made(histories, [0], [beta], learning_rate=0.0, guess=c)
+    bayes = data.oracle_probabilities()
+    assert len(bayes) == len(histories)
+    for (exercises, responses), predicted in zip(histories, bayes):
+        assert predicted.shape == (len(exercises),) and predicted.dtype == np.float64
+        expected = _quadrature_predictions(exercises, responses, [0], [beta], 0.0, c)
+        np.testing.assert_allclose(predicted, expected, rtol=0, atol=1e-7)
+    # Sanity of direction: wrong answers lower the prediction, right answers raise it.
+    assert np.all(np.diff(bayes[1]) < 0) and np.all(np.diff(bayes[2]) > 0)
+
+
+def test_bayes_matches_quadrature_two_concepts_with_learning():
+    concepts, difficulty, eta = [0, 1, 0], [-0.3, 0.8, 1.1], 0.35
+    histories = [
+        ([1, 2, 3, 2, 1, 1, 3, 2, 2, 3], [0, 1, 1, 0, 1, 0, 1, 1, 1, 0]),
+        ([2, 2, 2, 1, 3, 1, 2, 3, 1, 1], [1, 1, 0, 0, 0, 1, 1, 0, 1, 1]),
+        ([3, 3], [1, 0]),
+    ]
+    for c in (0.0, 0.25):
+        data = _hand_made(histories, concepts, difficulty, learning_rate=eta, guess=c)
+        for (exercises, responses), predicted in zip(histories, data.oracle_probabilities()):
+            expected = _quadrature_predictions(exercises, responses, concepts, difficulty, eta, c)
+            np.testing.assert_allclose(predicted, expected, rtol=0, atol=1e-7)
+
+
+def test_bayes_first_step_is_prior_predictive():
+    data = generate_students(num_students=500, num_exercises=10, seed=3)
+    exercises, _, _ = _stack(data)
+    first = np.stack(data.oracle_probabilities())[:, 0]
+    prior = np.array([np.trapezoid(_irt(_A - beta, data.guess) * _PHI, _A) for beta in data.exercise_difficulty])
+    np.testing.assert_allclose(first, prior[exercises[:, 0] - 1], rtol=0, atol=1e-7)
+    for e in np.unique(exercises[:, 0]):
+        same = first[exercises[:, 0] == e]
+        assert np.ptp(same) == 0.0
+
+
+def test_bayes_stores_simulator_parameters():
+    data = generate_students(num_students=3, learning_rate=0.07, guess=0.3)
+    assert data.learning_rate == 0.07 and data.guess == 0.3
+
+
+def test_bayes_empty_sequence_and_bad_inputs():
+    data = _hand_made([([1, 1], [1, 0]), ([], [])], [0], [0.0], learning_rate=0.1, guess=0.25)
+    bayes = data.oracle_probabilities()
+    assert bayes[1].shape == (0,) and bayes[0].shape == (2,)
+    bad = _hand_made([([1, 2], [1, 0])], [0], [0.0], learning_rate=0.1, guess=0.25)
+    with pytest.raises(ValueError, match="exercise id"):
+        bad.oracle_probabilities()
+    with pytest.raises(ValueError, match="`grid_size`"):
+        data.oracle_probabilities(grid_size=1)
+    with pytest.raises(ValueError, match="`grid_limit`"):
+        data.oracle_probabilities(grid_limit=0.0)
+
+
+def test_bayes_calibrated_on_defaults():
+    data = generate_students()
+    _, responses, _ = _stack(data)
+    q = np.stack(data.oracle_probabilities()).ravel()
+    r = responses.ravel().astype(np.float64)
+    assert np.all((q >= data.guess) & (q <= 1.0))
+    # The prediction errors r - q have mean 0 and are uncorrelated given the history: std of their mean.
+    std = np.sqrt(np.sum(q * (1 - q))) / q.size
+    assert abs(r.mean() - q.mean()) < 4 * std
+    edges = np.quantile(q, np.linspace(0, 1, 11))
+    which = np.clip(np.digitize(q, edges) - 1, 0, 9)
+    for b in range(10):
+        qb = q[which == b]
+        std_b = np.sqrt(np.sum(qb * (1 - qb))) / qb.size
+        assert abs(r[which == b].mean() - qb.mean()) < 5 * std_b, b
+
+
+def _history_free_predictions(data: SyntheticStudents) -> np.ndarray:
+    """Per-exercise prior predictive with the learning offset: P(r_t = 1 | e_1..e_t), ignoring the responses."""
+    exercises, _, _ = _stack(data)
+    n, length = exercises.shape
+    concept = data.exercise_concepts[exercises - 1]
+    count = np.zeros((n, length), dtype=np.int64)
+    for t in range(1, length):
+        count[:, t] = (concept[:, :t] == concept[:, t : t + 1]).sum(axis=1)
+    offset = data.learning_rate * count - data.exercise_difficulty[exercises - 1]
+    values, inverse = np.unique(offset.ravel(), return_inverse=True)
+    prior = np.array([np.trapezoid(_irt(_A + v, data.guess) * _PHI, _A) for v in values])
+    return prior[inverse].reshape(n, length)
+
+
+def test_oracle_auc_between_history_free_and_true_probabilities():
+    data = generate_students()
+    _, responses, probabilities = _stack(data)
+    start = time.perf_counter()
+    bayes = data.oracle_probabilities()
+    elapsed = time.perf_counter() - start
+    true_auc = data.true_probability_auc()
+    oracle_auc = data.oracle_auc()
+    free_auc = roc_auc(_history_free_predictions(data).ravel(), responses.ravel())
+    print(
+        f"AUC (defaults): true probabilities {true_auc:.4f}, Bayes {oracle_auc:.4f}, history-free {free_auc:.4f}; "
+        f"oracle_probabilities in {elapsed:.3f} s"
+    )
+    assert oracle_auc == pytest.approx(roc_auc(np.concatenate(bayes), responses.ravel()))
+    assert true_auc == pytest.approx(roc_auc(probabilities.ravel(), responses.ravel()))
+    assert true_auc > oracle_auc > free_auc > 0.5
+    assert elapsed < 5.0  # about half a second normally; loose bound for loaded machines
