@@ -12,7 +12,7 @@ import torch
 from lit_kt import SAKT, KTDataModule, SAKTModule, StudentSequence, write_three_line
 
 
-def fit_and_test(dm: KTDataModule, model: SAKT, epochs: int, lr: float = 3e-3) -> float:
+def fit_and_test(dm: KTDataModule, model: SAKT, epochs: int, root, lr: float = 3e-3) -> float:
     module = SAKTModule(model, optimizer=partial(torch.optim.Adam, lr=lr))
     best = L.pytorch.callbacks.ModelCheckpoint(monitor="val/auc", mode="max")
     trainer = L.Trainer(
@@ -22,7 +22,7 @@ def fit_and_test(dm: KTDataModule, model: SAKT, epochs: int, lr: float = 3e-3) -
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[best],
-        default_root_dir=dm.hparams.data_dir or None,
+        default_root_dir=root,
     )
     trainer.fit(module, dm)
     return trainer.test(module, dm, ckpt_path="best", verbose=False)[0]["test/auc"]
@@ -39,7 +39,7 @@ def test_random_responses_give_chance_auc(tmp_path):
     write_three_line(students(400), tmp_path / "test.csv")
     L.seed_everything(0, verbose=False)
     dm = KTDataModule(data_dir=str(tmp_path), max_len=30, batch_size=64)
-    auc = fit_and_test(dm, SAKT(dm.num_exercises, d_model=32, num_heads=4, max_len=30, dropout=0.0), epochs=4)
+    auc = fit_and_test(dm, SAKT(dm.num_exercises, d_model=32, num_heads=4, max_len=30, dropout=0.0), 4, tmp_path)
     # 24,000 test interactions: the AUC's standard error under no signal is about 0.004.
     assert abs(auc - 0.5) < 0.02
 
@@ -48,9 +48,8 @@ def test_sakt_reaches_the_oracle_on_simulated_students(tmp_path):
     """4,000 simulated students (half for testing): SAKT's test AUC within 0.05 of the best reachable AUC."""
     L.seed_everything(42, verbose=False)
     dm = KTDataModule(synthetic_students=4000, max_len=50, batch_size=64, seed=42)
-    dm.hparams.data_dir = None
     model = SAKT(dm.num_exercises, d_model=32, num_heads=4, max_len=50, dropout=0.2)
-    auc = fit_and_test(dm, model, epochs=12)
+    auc = fit_and_test(dm, model, 12, tmp_path)
     oracle, bound = dm.oracle_auc(), dm.true_probability_auc()
     print(f"SAKT test AUC {auc:.4f}; oracle {oracle:.4f}; true-probability bound {bound:.4f}")
     assert oracle < bound

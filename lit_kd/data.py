@@ -1,0 +1,464 @@
+"""Text-classification data for distillation: a TSV/CSV reader, a tokenised dataset, its collate function and
+``TextClassificationDataModule``.
+
+A batch is a dict of tensors, right-padded to the longest sequence of the batch (dynamic padding):
+
+- ``input_ids`` (B, L) int64 token ids, padded with the tokenizer's pad id;
+- ``attention_mask`` (B, L) int64, 1 at real tokens and 0 at padding;
+- ``token_type_ids`` (B, L) int64, only when the tokenizer returns them (BERT does), padded with 0;
+- ``labels`` (B,) int64 class ids;
+- ``index`` (B,) int64, the sample's index in its split (a key for caching, e.g. teacher logits).
+
+With a ``student_tokenizer`` (teacher and student read different vocabularies) the batch is instead
+``{"teacher": {...}, "student": {...}, "labels", "index"}``: each part holds its own ``input_ids`` /
+``attention_mask`` (/ ``token_type_ids``), padded to the longest sequence *of that part*, plus a copy of ``labels``,
+so that either part can be passed straight to a Hugging Face model (``model(**batch["teacher"])``) which then also
+returns its loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+__all__ = [
+    "TextClassificationDataModule",
+    "TextFormatError",
+    "TokenizedTextDataset",
+    "collate_text",
+    "pad_encodings",
+    "read_labelled_text",
+]
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_DELIMITERS = {".tsv": "\t", ".csv": ","}
+_ENCODING_KEYS = ("input_ids", "token_type_ids")
+
+
+class TextFormatError(ValueError):
+    """Raised for a malformed text-classification file.
+
+    The message starts with ``"<path>:<line>: "`` (1-based physical line number), or ``"<path>: "`` when the problem
+    concerns the file as a whole (e.g. it is empty).
+
+    Attributes:
+        path: The file, as given to the reader.
+        line: The 1-based line number, or ``None``.
+        message: The description without the location prefix.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str) -> None:
+        """Builds the error.
+
+        Args:
+            path: The file in which the problem was found.
+            line: The 1-based line number, or ``None`` for a problem with the whole file.
+            message: What was expected and what was found.
+        """
+        self.path = path
+        self.line = line
+        self.message = message
+        location = os.fspath(path) if line is None else f"{os.fspath(path)}:{line}"
+        super().__init__(f"{location}: {message}")
+
+    def __reduce__(self):  # keep the error picklable (e.g. raised inside DataLoader workers)
+        return (type(self), (self.path, self.line, self.message))
+
+
+def read_labelled_text(
+    path: str | os.PathLike[str],
+    text_col: str = "sentence",
+    label_col: str = "label",
+    delimiter: str | None = None,
+) -> tuple[list[str], list[int]]:
+    """Reads a table of texts and integer class labels with a header row (e.g. GLUE's ``SST-2/train.tsv``).
+
+    Tab-separated files are read with ``csv.QUOTE_NONE``: quote characters are ordinary text (sentences may hold an
+    unbalanced ``"``, as in some SST-2 exports), so a row is exactly one line and a field cannot contain a tab.
+    Comma-separated files use the usual CSV quoting (``"a, b"``). Other columns are ignored, blank lines are skipped,
+    header names and labels are stripped of surrounding whitespace and so is the text.
+
+    Args:
+        path: The file to read (UTF-8; a byte-order mark is ignored).
+        text_col: Column holding the text (must not be empty).
+        label_col: Column holding the class label, an integer ``>= 0``.
+        delimiter: Field delimiter; ``None`` infers it from the extension (``.tsv``: tab, ``.csv``: comma).
+
+    Returns:
+        ``(texts, labels)``, two lists in file order.
+
+    Raises:
+        ValueError: If ``delimiter`` is ``None`` and the extension is neither ``.tsv`` nor ``.csv``.
+        TextFormatError: If the file is empty or has no data rows, lacks a column, a row has a different number of
+            fields than the header, a text is empty or a label is not an integer ``>= 0``; the message names the file
+            and the 1-based line.
+        OSError: If the file cannot be read.
+
+    Example:
+        >>> texts, labels = read_labelled_text("../shared/data/nlp/sst2/dev.tsv")  # doctest: +SKIP
+        >>> len(texts), labels[:3]  # doctest: +SKIP
+        (872, [1, 0, 1])
+    """
+    if delimiter is None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in _DELIMITERS:
+            raise ValueError(
+                f"Expected `path` to end in .tsv or .csv (or `delimiter` to be given) but got {os.fspath(path)!r}."
+            )
+        delimiter = _DELIMITERS[suffix]
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    texts: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            header = next((row for row in reader if row), None)
+        except csv.Error as e:
+            raise TextFormatError(path, reader.line_num or 1, f"Expected a header row but got a CSV error: {e}")
+        if header is None:
+            raise TextFormatError(path, None, "Expected a header row but got an empty file")
+        header_line = reader.line_num
+        header = [name.strip() for name in header]
+        missing = [col for col in (text_col, label_col) if col not in header]
+        if missing:
+            raise TextFormatError(
+                path, header_line, f"Expected column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+                f" in the header but got columns {header}"
+            )
+        text_at, label_at = header.index(text_col), header.index(label_col)
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise TextFormatError(path, reader.line_num, f"Expected a well-formed row but got a CSV error: {e}")
+            if not row:
+                continue
+            line = reader.line_num
+            if len(row) != len(header):
+                raise TextFormatError(
+                    path, line, f"Expected {len(header)} fields (as in the header) separated by {delimiter!r} but got"
+                    f" {len(row)}"
+                )
+            text = row[text_at].strip()
+            if not text:
+                raise TextFormatError(path, line, f"Expected a non-empty text in column {text_col!r} but got an empty"
+                                      " field")
+            label = row[label_at].strip()
+            if not _INT.fullmatch(label) or int(label) < 0:
+                found = "an empty field" if not label else repr(label)
+                raise TextFormatError(path, line, f"Expected an integer label >= 0 in column {label_col!r} but got"
+                                      f" {found}")
+            texts.append(text)
+            labels.append(int(label))
+    if not texts:
+        raise TextFormatError(path, header_line, "Expected at least one data row after the header but got none")
+    return texts, labels
+
+
+class TokenizedTextDataset(Dataset):
+    """Token ids and labels of one split, each item a dict of plain Python lists and ints.
+
+    Args:
+        encoding: Columns from a tokenizer, ``"input_ids"`` and optionally ``"token_type_ids"``, one list per sample.
+        labels: Class label of each sample.
+        student_encoding: The same columns from the student's tokenizer, or ``None`` when both read the same ids.
+
+    Raises:
+        ValueError: If the columns and labels differ in length or ``input_ids`` is missing.
+    """
+
+    def __init__(
+        self,
+        encoding: dict[str, Sequence[Sequence[int]]],
+        labels: Sequence[int],
+        student_encoding: dict[str, Sequence[Sequence[int]]] | None = None,
+    ) -> None:
+        for name, enc in (("encoding", encoding), ("student_encoding", student_encoding)):
+            if enc is None:
+                continue
+            if "input_ids" not in enc:
+                raise ValueError(f"Expected `{name}` to hold 'input_ids' but got keys {sorted(enc)}.")
+            lengths = {key: len(column) for key, column in enc.items()}
+            if any(n != len(labels) for n in lengths.values()):
+                raise ValueError(f"Expected every column of `{name}` to hold {len(labels)} samples (one per label)"
+                                 f" but got {lengths}.")
+        self.encoding = encoding
+        self.labels = list(labels)
+        self.student_encoding = student_encoding
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "encoding": {key: column[index] for key, column in self.encoding.items()},
+            "label": self.labels[index],
+            "index": index,
+        }
+        if self.student_encoding is not None:
+            item["student_encoding"] = {key: column[index] for key, column in self.student_encoding.items()}
+        return item
+
+
+def pad_encodings(encodings: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pads token-id lists to the longest one and builds the attention mask.
+
+    Args:
+        encodings: One dict per sample with ``"input_ids"`` and optionally ``"token_type_ids"``.
+        pad_token_id: Id written at padded positions of ``input_ids`` (``token_type_ids`` are padded with 0).
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and (when given) ``token_type_ids``, each (B, L) int64 with L the longest.
+    """
+    longest = max(len(enc["input_ids"]) for enc in encodings)
+    batch = {"input_ids": torch.full((len(encodings), longest), pad_token_id, dtype=torch.long)}
+    batch["attention_mask"] = torch.zeros(len(encodings), longest, dtype=torch.long)
+    if "token_type_ids" in encodings[0]:
+        batch["token_type_ids"] = torch.zeros(len(encodings), longest, dtype=torch.long)
+    for row, enc in enumerate(encodings):
+        n = len(enc["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        for key in _ENCODING_KEYS:
+            if key in batch:
+                batch[key][row, :n] = torch.tensor(enc[key], dtype=torch.long)
+    return batch
+
+
+def collate_text(
+    items: Sequence[dict[str, Any]], pad_token_id: int = 0, student_pad_token_id: int = 0
+) -> dict[str, Any]:
+    """Collates :class:`TokenizedTextDataset` items into a batch (see the module docstring for its layout).
+
+    Use ``functools.partial(collate_text, pad_token_id=..., student_pad_token_id=...)`` as a DataLoader's
+    ``collate_fn``; it pickles, so it works with worker processes.
+
+    Args:
+        items: Dataset items.
+        pad_token_id: Pad id of the (teacher's) tokenizer.
+        student_pad_token_id: Pad id of the student's tokenizer (used only when items carry a student encoding).
+
+    Returns:
+        A flat batch, or ``{"teacher": ..., "student": ..., "labels", "index"}`` when the items carry a student
+        encoding.
+    """
+    labels = torch.tensor([item["label"] for item in items], dtype=torch.long)  # (B,)
+    index = torch.tensor([item["index"] for item in items], dtype=torch.long)  # (B,)
+    teacher = pad_encodings([item["encoding"] for item in items], pad_token_id)
+    if "student_encoding" not in items[0]:
+        return {**teacher, "labels": labels, "index": index}
+    student = pad_encodings([item["student_encoding"] for item in items], student_pad_token_id)
+    return {
+        "teacher": {**teacher, "labels": labels},
+        "student": {**student, "labels": labels},
+        "labels": labels,
+        "index": index,
+    }
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Train/validation/test data for sentence classification, tokenised once and padded per batch.
+
+    ``data_dir`` holds ``train.tsv`` and ``dev.tsv`` (and optionally ``test.tsv``), each with a header naming
+    ``text_col`` and ``label_col`` (GLUE layout, see :func:`read_labelled_text`). ``dev.tsv`` is the validation
+    split and, when there is no ``test.tsv``, also the test and predict split: GLUE's SST-2 hides its test labels,
+    so its dev set is the usual reported test set. A ``test.tsv`` must therefore carry labels.
+
+    The texts are tokenised once per split on first use (``setup``) with a batched call to a fast tokenizer,
+    truncated to ``max_length`` and not padded; batches are padded to their longest sequence by
+    :func:`collate_text`. With ``student_tokenizer`` every sample is tokenised by both tokenizers and batches carry
+    a ``"teacher"`` and a ``"student"`` part. A BiGRU student that reads the teacher's ids needs no
+    ``student_tokenizer``: it uses ``input_ids`` with ``vocab_size`` and ``pad_token_id``.
+
+    Args:
+        data_dir: Folder with ``train.tsv``, ``dev.tsv`` and optionally ``test.tsv``.
+        tokenizer: Name or local path of the (teacher's) tokenizer for ``AutoTokenizer.from_pretrained``; must be a
+            fast tokenizer.
+        student_tokenizer: Name or local path of a second fast tokenizer for the student, or ``None`` when teacher
+            and student read the same ids.
+        max_length: Longest tokenised sequence (special tokens included) of the (teacher's) tokenizer.
+        student_max_length: Longest sequence of the student's tokenizer; ``None`` for ``max_length``.
+        batch_size: Training samples per batch.
+        eval_batch_size: Validation/test/predict samples per batch; ``None`` for ``batch_size``.
+        num_workers: DataLoader workers.
+        train_limit: Use only the first ``train_limit`` rows of ``train.tsv`` (file order, before shuffling) for quick
+            runs; ``None`` for all. ``num_labels`` is still computed from the whole file.
+        text_col: Column holding the text.
+        label_col: Column holding the integer label (``0 .. num_labels - 1``).
+
+    Example:
+        >>> dm = TextClassificationDataModule("../shared/data/nlp/sst2", tokenizer=minilm_path())  # doctest: +SKIP
+        >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+        >>> dm.num_labels, batch["input_ids"].shape  # doctest: +SKIP
+        (2, torch.Size([32, 47]))
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        tokenizer: str,
+        student_tokenizer: str | None = None,
+        max_length: int = 128,
+        student_max_length: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_limit: int | None = None,
+        text_col: str = "sentence",
+        label_col: str = "label",
+    ) -> None:
+        super().__init__()
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise TypeError(f"Expected `data_dir` to be a folder path but got {data_dir!r}.")
+        for name, value, least in (
+            ("max_length", max_length, 1),
+            ("student_max_length", student_max_length, 1),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("train_limit", train_limit, 1),
+        ):
+            if value is not None and value < least:
+                raise ValueError(f"Expected `{name}` to be >= {least} but got {value}.")
+        self.save_hyperparameters()
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self._texts: dict[str, tuple[list[str], list[int]]] = {}
+        self._datasets: dict[str, TokenizedTextDataset] = {}
+        self._num_labels: int | None = None
+
+    # ------------------------------------------------------------------ loading
+    def load_tokenizer(self, part: Literal["teacher", "student"] = "teacher") -> PreTrainedTokenizerBase:
+        """The fast tokenizer of one part (loaded once); ``"student"`` falls back to the teacher's tokenizer.
+
+        Raises:
+            ValueError: If the tokenizer is not a fast tokenizer.
+        """
+        if part == "student" and self.hparams.student_tokenizer is None:
+            part = "teacher"
+        if part not in self._tokenizers:
+            name = self.hparams.tokenizer if part == "teacher" else self.hparams.student_tokenizer
+            tok = AutoTokenizer.from_pretrained(name)
+            arg = "tokenizer" if part == "teacher" else "student_tokenizer"
+            if not tok.is_fast:
+                raise ValueError(
+                    f"Expected `{arg}` to name a fast tokenizer but got {type(tok).__name__} for {name!r}."
+                )
+            if tok.pad_token_id is None:
+                raise ValueError(f"Expected `{arg}` to define a pad token but {name!r} has none.")
+            self._tokenizers[part] = tok
+        return self._tokenizers[part]
+
+    def _path(self, split: Literal["train", "val", "test"]) -> Path:
+        folder = Path(self.hparams.data_dir)
+        if split == "test" and (folder / "test.tsv").is_file():
+            return folder / "test.tsv"
+        path = folder / {"train": "train.tsv", "val": "dev.tsv", "test": "dev.tsv"}[split]
+        if not path.is_file():
+            raise FileNotFoundError(f"Expected a data file at {path} but it does not exist.")
+        return path
+
+    def _read(self, split: Literal["train", "val", "test"]) -> tuple[list[str], list[int]]:
+        path = self._path(split)
+        key = os.fspath(path)
+        if key not in self._texts:
+            self._texts[key] = read_labelled_text(path, self.hparams.text_col, self.hparams.label_col)
+        return self._texts[key]
+
+    def _tokenize(self, texts: list[str], part: Literal["teacher", "student"]) -> dict[str, list[list[int]]]:
+        h = self.hparams
+        max_length = h.max_length if part == "teacher" or h.student_max_length is None else h.student_max_length
+        enc = self.load_tokenizer(part)(texts, truncation=True, max_length=max_length, return_attention_mask=False)
+        return {key: enc[key] for key in _ENCODING_KEYS if key in enc}
+
+    def dataset(self, split: Literal["train", "val", "test"]) -> TokenizedTextDataset:
+        """The tokenised dataset of one split (built on first use, cached).
+
+        Raises:
+            ValueError: If a validation/test label is ``>= num_labels``.
+        """
+        path = self._path(split)
+        key = "train" if split == "train" else os.fspath(path)  # dev.tsv serves val and test: tokenise it once
+        if key not in self._datasets:
+            texts, labels = self._read(split)
+            if split == "train":
+                texts, labels = texts[: self.hparams.train_limit], labels[: self.hparams.train_limit]
+            elif max(labels) >= self.num_labels:
+                raise ValueError(
+                    f"Expected the labels of {path} to be < num_labels ({self.num_labels}, from"
+                    f" {self._path('train')}) but got {max(labels)}."
+                )
+            student = self._tokenize(texts, "student") if self.hparams.student_tokenizer is not None else None
+            self._datasets[key] = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)
+        return self._datasets[key]
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_labels(self) -> int:
+        """Number of classes: the largest label of the whole ``train.tsv`` plus one."""
+        if self._num_labels is None:
+            labels = self._read("train")[1]
+            self._num_labels = max(labels) + 1
+            missing = sorted(set(range(self._num_labels)) - set(labels))
+            if missing:
+                rank_zero_warn(
+                    f"Labels {missing} never occur in {self._path('train')} (num_labels = {self._num_labels})."
+                )
+        return self._num_labels
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size (added tokens included) of the ids the student reads (``student_tokenizer``, else
+        ``tokenizer``)."""
+        return len(self.load_tokenizer("student"))
+
+    @property
+    def pad_token_id(self) -> int:
+        """Pad id of the ids the student reads (``student_tokenizer``, else ``tokenizer``)."""
+        return self.load_tokenizer("student").pad_token_id
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage, ("train", "val", "test")):
+            self.dataset(split)
+
+    def _loader(self, split: Literal["train", "val", "test"]) -> DataLoader:
+        h = self.hparams
+        collate = functools.partial(
+            collate_text,
+            pad_token_id=self.load_tokenizer("teacher").pad_token_id,
+            student_pad_token_id=self.load_tokenizer("student").pad_token_id,
+        )
+        return DataLoader(
+            self.dataset(split),
+            batch_size=h.batch_size if split == "train" or h.eval_batch_size is None else h.eval_batch_size,
+            shuffle=split == "train",
+            num_workers=h.num_workers,
+            collate_fn=collate,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
