@@ -1,0 +1,335 @@
+"""Distillation configuration: plain dataclasses that LightningCLI can fill from YAML, validated on construction.
+
+The total loss these describe (TextBrewer's, with an optional ``T**2`` factor):
+
+    ``loss = w_kd(p) * [T**2] * kd_loss(z_s, z_t, T) + w_hl(p) * hard_label_loss + sum_m weight_m * match_loss_m``
+
+where ``p`` in [0, 1] is the training progress and ``w(p) = weight * schedule(p)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal, get_args
+
+from torch import Tensor
+
+from lit_kd import losses, schedulers
+
+Feature = Literal["hidden", "attention"]
+MatchLoss = Literal[
+    "hidden_mse",
+    "cos",
+    "pkd",
+    "fsp",
+    "nst",
+    "mmd",
+    "attention_mse",
+    "attention_mse_sum",
+    "attention_mse_mean",
+    "attention_ce",
+    "attention_ce_mean",
+]
+ProjectionKind = Literal["linear", "relu", "tanh"]
+KDLossType = Literal["ce", "kl", "mse", "bce"]
+TemperatureScheduler = Literal["constant", "flsw", "cwsm"]
+WeightScheduler = Literal["constant", "linear_decay", "linear_growth"]
+
+HIDDEN_LOSSES: tuple[str, ...] = ("hidden_mse", "cos", "pkd", "fsp", "nst", "mmd")
+ATTENTION_LOSSES: tuple[str, ...] = (
+    "attention_mse",
+    "attention_mse_sum",
+    "attention_mse_mean",
+    "attention_ce",
+    "attention_ce_mean",
+)
+TWO_LAYER_LOSSES: tuple[str, ...] = ("fsp", "nst", "mmd")
+
+
+def _pkd(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
+    return losses.pkd(h_s, h_t)  # first token only: the mask is not needed
+
+
+_MATCH_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
+    "hidden_mse": losses.hidden_mse,
+    "cos": losses.cos,
+    "pkd": _pkd,
+    "fsp": losses.fsp,
+    "nst": losses.nst,
+    "mmd": losses.nst,
+    "attention_mse": partial(losses.attention_mse, head_reduce="none"),
+    "attention_mse_sum": partial(losses.attention_mse, head_reduce="sum"),
+    "attention_mse_mean": partial(losses.attention_mse, head_reduce="mean"),
+    "attention_ce": partial(losses.attention_ce, head_reduce="none"),
+    "attention_ce_mean": partial(losses.attention_ce, head_reduce="mean"),
+}
+
+_KD_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
+    "ce": losses.kd_ce,
+    "kl": losses.kd_kl,
+    "mse": losses.kd_mse,
+    "bce": losses.kd_bce,
+}
+
+
+def _choices(options: tuple[str, ...] | Any) -> str:
+    return ", ".join(repr(o) for o in options)
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    options = get_args(literal)
+    if value not in options:
+        raise ValueError(f"Expected `{name}` to be one of {_choices(options)} but got {value!r}.")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"Expected `{name}` to be >= 0 but got {value!r}.")
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _layer_str(layer: int | list[int]) -> str:
+    return "-".join(str(i) for i in layer) if isinstance(layer, list) else str(layer)
+
+
+@dataclass
+class IntermediateMatch:
+    """One intermediate-feature match between a teacher layer and a student layer (an ``intermediate_matches`` item).
+
+    Layer indices count in the lists of features the models return (e.g. ``hidden_states`` of a ``transformers``
+    model, where 0 is the embedding output), not in the models' layers.
+
+    Losses (see :mod:`lit_kd.losses`):
+
+    * ``feature="hidden"``: ``"hidden_mse"``, ``"cos"``, ``"pkd"`` (one layer each), ``"fsp"``, ``"nst"`` (alias
+      ``"mmd"``) (two layers each: ``layer_t=[a, b]``, ``layer_s=[a, b]``).
+    * ``feature="attention"``: ``"attention_mse"`` (per head), ``"attention_mse_sum"`` / ``"attention_mse_mean"``
+      (summed / averaged over heads first), ``"attention_ce"`` (per head), ``"attention_ce_mean"`` (averaged over
+      heads first).
+
+    Attributes:
+        layer_t: Teacher layer index, or two indices for ``fsp``/``nst``/``mmd``.
+        layer_s: Student layer index, or two indices for ``fsp``/``nst``/``mmd``.
+        feature: ``"hidden"`` (hidden states, (B, L, D)) or ``"attention"`` (attention maps, (B, H, L, L)).
+        loss: The match loss, one of those listed above; it must suit ``feature``.
+        weight: Multiplies this match's loss in the total loss; >= 0.
+        projection: ``(kind, dim_s, dim_t)`` with kind ``"linear"``, ``"relu"`` or ``"tanh"``: a trainable map from the
+            student's width ``dim_s`` to the teacher's ``dim_t``, applied to the student's feature (both features for
+            two-layer losses) before the loss. Needed by every hidden loss but ``nst``/``mmd`` when the widths differ.
+            Must be ``None`` for attention.
+        name: Logged as ``train/match/<name>``; default ``f"{feature}_{layer_s}_{layer_t}_{loss}"`` (two layers
+            written ``a-b``).
+    """
+
+    layer_t: int | list[int]
+    layer_s: int | list[int]
+    feature: Feature = "hidden"
+    loss: MatchLoss = "hidden_mse"
+    weight: float = 1.0
+    projection: tuple[str, int, int] | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("feature", self.feature, Feature)
+        _check_choice("loss", self.loss, MatchLoss)
+        allowed = HIDDEN_LOSSES if self.feature == "hidden" else ATTENTION_LOSSES
+        if self.loss not in allowed:
+            raise ValueError(
+                f"Expected `loss` to be one of {_choices(allowed)} for `feature={self.feature!r}` but got "
+                f"{self.loss!r}."
+            )
+        self.layer_t = self._checked_layer("layer_t", self.layer_t)
+        self.layer_s = self._checked_layer("layer_s", self.layer_s)
+        _check_non_negative("weight", self.weight)
+        if self.projection is not None:
+            self.projection = self._checked_projection(self.projection)
+        if self.name is None:
+            self.name = f"{self.feature}_{_layer_str(self.layer_s)}_{_layer_str(self.layer_t)}_{self.loss}"
+        elif not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Expected `name` to be a non-empty string or None but got {self.name!r}.")
+
+    @property
+    def two_layers(self) -> bool:
+        """Whether the loss relates two layers of each model (``fsp``, ``nst``, ``mmd``)."""
+        return self.loss in TWO_LAYER_LOSSES
+
+    def loss_fn(self) -> Callable[..., Tensor]:
+        """The loss function of :mod:`lit_kd.losses` this match uses, with ``head_reduce`` bound.
+
+        Returns:
+            ``fn(feature_s, feature_t, mask)`` for one-layer losses, ``fn(s_a, s_b, t_a, t_b, mask)`` for two-layer
+            ones; attention losses also take ``scores=`` (whether the maps are raw scores).
+        """
+        return _MATCH_LOSS_FNS[self.loss]
+
+    def _checked_layer(self, name: str, value: Any) -> int | list[int]:
+        if self.two_layers:
+            if not (isinstance(value, list | tuple) and len(value) == 2 and all(_is_index(v) for v in value)):
+                raise ValueError(
+                    f"Expected `{name}` to be a list of two layer indices for `loss={self.loss!r}` but got {value!r}."
+                )
+            value = list(value)
+            indices = value
+        else:
+            if not _is_index(value):
+                raise ValueError(
+                    f"Expected `{name}` to be a single layer index for `loss={self.loss!r}` but got {value!r}."
+                )
+            indices = [value]
+        for index in indices:
+            if index < 0:
+                raise ValueError(f"Expected `{name}` to be >= 0 but got {index}.")
+        return value
+
+    def _checked_projection(self, projection: Any) -> tuple[str, int, int]:
+        if self.feature == "attention":
+            raise ValueError(
+                "Expected `projection` to be None for `feature='attention'` (attention maps have no feature "
+                f"dimension) but got {projection!r}."
+            )
+        kinds = get_args(ProjectionKind)
+        if not (isinstance(projection, list | tuple) and len(projection) == 3 and projection[0] in kinds):
+            raise ValueError(
+                f"Expected `projection` to be (kind, dim_s, dim_t) with kind one of {_choices(kinds)} but got "
+                f"{projection!r}."
+            )
+        kind, dim_s, dim_t = projection
+        if not (_is_index(dim_s) and _is_index(dim_t) and dim_s > 0 and dim_t > 0):
+            raise ValueError(
+                f"Expected the dimensions of `projection` to be positive integers but got {tuple(projection)!r}."
+            )
+        return kind, dim_s, dim_t
+
+
+@dataclass
+class DistillationConfig:
+    """What to distil and how: logits loss, temperature, loss weights and intermediate matches (TextBrewer's names).
+
+    Attributes:
+        temperature: Base temperature ``T`` of the logits loss; > 0.
+        temperature_scheduler: ``"constant"``, or the per-sample schedules ``"flsw"`` and ``"cwsm"`` of
+            arXiv:1911.07471 (see :mod:`lit_kd.schedulers`), which spread temperatures around ``temperature``.
+            ``"flsw"``/``"cwsm"`` need a class dimension, so not with ``kd_loss_type="bce"``.
+        flsw_beta: Spread ``beta`` of ``"flsw"`` (TextBrewer's example value 1); >= 0.
+        flsw_gamma: Focusing exponent ``gamma`` of ``"flsw"`` (TextBrewer's example value 2); >= 0.
+        cwsm_beta: Spread ``beta`` of ``"cwsm"`` (TextBrewer's example value 1); >= 0.
+        kd_loss_type: Logits loss: ``"ce"`` (soft cross-entropy, TextBrewer's default), ``"kl"``, ``"mse"`` (on
+            tempered logits) or ``"bce"`` (sigmoid outputs: binary or multi-label, e.g. knowledge tracing).
+        kd_loss_weight: Weight of the logits loss; >= 0.
+        kd_loss_weight_scheduler: Multiplies ``kd_loss_weight`` over training: ``"constant"``, ``"linear_decay"``
+            (1 to 0) or ``"linear_growth"`` (0 to 1).
+        hard_label_weight: Weight of the student's loss on the gold labels; >= 0 (0: pure distillation).
+        hard_label_weight_scheduler: Multiplies ``hard_label_weight`` over training, as above.
+        scale_by_temperature_squared: Multiply the logits loss by ``T**2``. With soft targets at temperature ``T``
+            the gradients scale as ``1 / T**2`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"),
+            so the factor keeps the soft and hard terms balanced when ``T`` changes. TextBrewer does not scale; set
+            False to reproduce its numbers. With per-sample temperatures the factor is per sample too.
+        probability_shift: Knowledge adjustment (arXiv:1911.07471, TextBrewer's option): where the teacher is wrong,
+            swap its top logit with the gold label's logit (:func:`lit_kd.losses.shift_probability`). Needs class
+            labels, so not with ``kd_loss_type="bce"``.
+        intermediate_matches: Intermediate-feature matches; their names must be unique.
+    """
+
+    temperature: float = 4.0
+    temperature_scheduler: TemperatureScheduler = "constant"
+    flsw_beta: float = 1.0
+    flsw_gamma: float = 2.0
+    cwsm_beta: float = 1.0
+    kd_loss_type: KDLossType = "ce"
+    kd_loss_weight: float = 1.0
+    kd_loss_weight_scheduler: WeightScheduler = "constant"
+    hard_label_weight: float = 0.0
+    hard_label_weight_scheduler: WeightScheduler = "constant"
+    scale_by_temperature_squared: bool = True
+    probability_shift: bool = False
+    intermediate_matches: list[IntermediateMatch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"Expected `temperature` to be > 0 but got {self.temperature!r}.")
+        _check_choice("temperature_scheduler", self.temperature_scheduler, TemperatureScheduler)
+        for name in ("flsw_beta", "flsw_gamma", "cwsm_beta", "kd_loss_weight", "hard_label_weight"):
+            _check_non_negative(name, getattr(self, name))
+        _check_choice("kd_loss_type", self.kd_loss_type, KDLossType)
+        _check_choice("kd_loss_weight_scheduler", self.kd_loss_weight_scheduler, WeightScheduler)
+        _check_choice("hard_label_weight_scheduler", self.hard_label_weight_scheduler, WeightScheduler)
+        if self.kd_loss_type == "bce" and self.temperature_scheduler != "constant":
+            raise ValueError(
+                "Expected `temperature_scheduler` to be 'constant' when `kd_loss_type` is 'bce' (flsw and cwsm are "
+                f"defined on softmax distributions) but got {self.temperature_scheduler!r}."
+            )
+        if self.kd_loss_type == "bce" and self.probability_shift:
+            raise ValueError(
+                "Expected `probability_shift` to be False when `kd_loss_type` is 'bce' (it swaps class logits) but "
+                "got True."
+            )
+        self.intermediate_matches = [
+            IntermediateMatch(**m) if isinstance(m, dict) else m for m in self.intermediate_matches
+        ]
+        names = [m.name for m in self.intermediate_matches]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Expected the names of `intermediate_matches` to be unique but got {duplicates} more than once; "
+                "set `name` on the matches."
+            )
+
+    def kd_loss_fn(self) -> Callable[..., Tensor]:
+        """The logits loss of :mod:`lit_kd.losses` for ``kd_loss_type``: ``fn(logits_s, logits_t, T, mask)``."""
+        return _KD_LOSS_FNS[self.kd_loss_type]
+
+    def temperature_fn(self) -> schedulers.TemperatureSchedule:
+        """``fn(logits_s, logits_t, base_temperature, mask=None)`` returning per-sample temperatures."""
+        return schedulers.temperature_schedule(
+            self.temperature_scheduler, flsw_beta=self.flsw_beta, flsw_gamma=self.flsw_gamma, cwsm_beta=self.cwsm_beta
+        )
+
+    def kd_loss_weight_at(self, progress: float) -> float:
+        """``kd_loss_weight * kd_loss_weight_scheduler(progress)``, ``progress`` in [0, 1]."""
+        return self.kd_loss_weight * schedulers.weight_schedule(self.kd_loss_weight_scheduler)(progress)
+
+    def hard_label_weight_at(self, progress: float) -> float:
+        """``hard_label_weight * hard_label_weight_scheduler(progress)``, ``progress`` in [0, 1]."""
+        return self.hard_label_weight * schedulers.weight_schedule(self.hard_label_weight_scheduler)(progress)
+
+    def validate_layers(
+        self, num_hidden_t: int, num_hidden_s: int, num_attn_t: int | None = None, num_attn_s: int | None = None
+    ) -> None:
+        """Check every match's layer indices against what the models return (call it at the first batch).
+
+        Args:
+            num_hidden_t: How many hidden states the teacher returns (``len(outputs.hidden_states)``).
+            num_hidden_s: How many hidden states the student returns.
+            num_attn_t: How many attention maps the teacher returns; ``None`` when it returns none.
+            num_attn_s: How many attention maps the student returns; ``None`` when it returns none.
+
+        Raises:
+            ValueError: e.g. "Expected `layer_s` to be < 3 (the student returns 3 hidden states) but got 6
+                (intermediate match `hidden_6_2_hidden_mse`)."
+        """
+        for match in self.intermediate_matches:
+            if match.feature == "hidden":
+                available = {"teacher": num_hidden_t, "student": num_hidden_s}
+                what = "hidden states"
+            else:
+                available = {"teacher": num_attn_t, "student": num_attn_s}
+                what = "attention maps"
+            for model, attr in (("teacher", "layer_t"), ("student", "layer_s")):
+                count = available[model]
+                if count is None:
+                    raise ValueError(
+                        f"Expected the {model} to return {what} (intermediate match `{match.name}`) but "
+                        f"`num_attn_{attr[-1]}` is None."
+                    )
+                layers = getattr(match, attr)
+                for index in layers if isinstance(layers, list) else [layers]:
+                    if index >= count:
+                        raise ValueError(
+                            f"Expected `{attr}` to be < {count} (the {model} returns {count} {what}) but got "
+                            f"{index} (intermediate match `{match.name}`)."
+                        )

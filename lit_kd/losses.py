@@ -1,0 +1,545 @@
+"""Knowledge-distillation losses as pure functions (torch only).
+
+Conventions shared by every function here:
+
+* ``_s`` is the student, ``_t`` the teacher; the loss is differentiable in the student's inputs (and in the teacher's,
+  which the caller normally computes under ``torch.no_grad``).
+* ``mask`` is a bool (or 0/1) tensor, True where a sample or token counts. A masked-out position contributes nothing,
+  whatever its finite values (attention scores may also be ``-inf``, see the attention losses), and is not counted
+  in the mean. An all-False mask gives 0 (with a gradient path), not ``nan``.
+* Every loss is a *mean over valid items*; each docstring says which items (samples, tokens, token pairs, ...).
+* Shape errors name both shapes, e.g. "Expected `h_s` and `h_t` to have the same shape but got (2, 5, 8) and
+  (2, 5, 16); add a projection to the IntermediateMatch."
+
+Symbols: ``z`` logits, ``T`` temperature, ``p = softmax(z / T)`` over the class dimension ``C``; ``B`` batch,
+``L`` length, ``D`` features, ``H`` heads, ``N`` samples.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MASKED_SCORE_THRESHOLD = -1e3
+"""Raw attention scores at or below this value (``-inf``, ``torch.finfo(dtype).min``, BERT's ``-10000`` additive
+mask, ...) are treated as masked out by the model itself (padding or causal masking)."""
+
+_SCORE_FILL = -1e4  # a masked score for softmax: exp(-1e4 - max) underflows to 0 yet stays finite (no 0 * -inf = nan)
+
+_PROJECTION_HINT = "; add a projection to the IntermediateMatch"
+_HEAD_REDUCTIONS = ("none", "sum", "mean")
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_same_shape(x_s: Tensor, x_t: Tensor, name_s: str, name_t: str, hint: str = "") -> None:
+    if x_s.shape != x_t.shape:
+        raise ValueError(
+            f"Expected `{name_s}` and `{name_t}` to have the same shape but got {_shape(x_s)} and {_shape(x_t)}{hint}."
+        )
+
+
+def _check_mask(mask: Tensor | None, shape: tuple[int, ...], what: str) -> Tensor | None:
+    """Return ``mask`` as bool after checking that its shape is ``shape`` (``what`` explains that shape)."""
+    if mask is None:
+        return None
+    if _shape(mask) != tuple(shape):
+        raise ValueError(f"Expected `mask` to have shape {tuple(shape)} ({what}) but got {_shape(mask)}.")
+    return mask.bool()
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` where ``mask`` (broadcastable to ``values``) is True; 0 when nothing is valid."""
+    if mask is None:
+        return values.mean()
+    mask = mask.expand_as(values)
+    # torch.where rather than a product: masked positions may hold inf, and inf * 0 = nan.
+    total = torch.where(mask, values, values.new_zeros(())).sum()
+    return total / mask.sum().clamp_min(1)
+
+
+def _broadcast_temperature(temperature: float | Tensor, logits: Tensor, item_dims: int) -> float | Tensor:
+    """Give a per-sample temperature trailing singleton dimensions so that it broadcasts against ``logits``.
+
+    A tensor temperature must have the shape of the first ``k <= item_dims`` dimensions of ``logits``: (N,) for (N, C)
+    logits; (B,) or (B, L) for (B, L, C) logits.
+    """
+    if not isinstance(temperature, Tensor) or temperature.dim() == 0:
+        return temperature
+    k = temperature.dim()
+    if k > item_dims or _shape(temperature) != _shape(logits)[:k]:
+        allowed = " or ".join(str(_shape(logits)[:i]) for i in range(1, item_dims + 1))
+        raise ValueError(
+            f"Expected `temperature` to be a float or a tensor of shape {allowed} but got {_shape(temperature)}."
+        )
+    return temperature.reshape(*temperature.shape, *([1] * (logits.dim() - k)))
+
+
+def _squeeze_class(t: float | Tensor) -> float | Tensor:
+    """A temperature broadcast against (..., C) logits, without its class dimension (to scale per-item losses)."""
+    return t.squeeze(-1) if isinstance(t, Tensor) and t.dim() > 0 else t
+
+
+def _check_class_logits(logits_s: Tensor, logits_t: Tensor, mask: Tensor | None) -> Tensor | None:
+    _check_same_shape(logits_s, logits_t, "logits_s", "logits_t")
+    if logits_s.dim() < 2:
+        raise ValueError(
+            f"Expected `logits_s` to have a class dimension, shape (N, C) or (B, L, C), but got {_shape(logits_s)}."
+        )
+    return _check_mask(mask, _shape(logits_s)[:-1], "the logits without their class dimension")
+
+
+# ------------------------------------------------------------------------------------------------- logits (KD) losses
+def kd_ce(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    scale_by_temperature_squared: bool = False,
+) -> Tensor:
+    """Soft-label cross-entropy of the student against the teacher's tempered distribution.
+
+    ``loss = mean_{valid n} -sum_c softmax(z_t[n] / T[n])_c * log softmax(z_s[n] / T[n])_c``
+
+    Not scaled by ``T**2``; the caller decides (see ``DistillationConfig.scale_by_temperature_squared``).
+
+    Args:
+        logits_s: Student logits, (N, C), or (B, L, C) for token-level tasks.
+        logits_t: Teacher logits, same shape.
+        temperature: A float, or per-sample temperatures of shape (N,) for (N, C) logits, (B,) or (B, L) for
+            (B, L, C) logits (as returned by :mod:`lit_kd.schedulers`).
+        mask: Which samples count: (N,) or (B, L); ``None`` for all.
+        scale_by_temperature_squared: Multiply each item's loss by its own ``T**2`` before averaging.
+
+    Returns:
+        A scalar: the mean over valid samples (or tokens).
+    """
+    mask = _check_class_logits(logits_s, logits_t, mask)
+    t = _broadcast_temperature(temperature, logits_s, logits_s.dim() - 1)
+    p_t = F.softmax(logits_t / t, dim=-1)  # (..., C)
+    per_item = -(p_t * F.log_softmax(logits_s / t, dim=-1)).sum(dim=-1)  # (...)
+    if scale_by_temperature_squared:
+        per_item = per_item * _squeeze_class(t) ** 2
+    return _masked_mean(per_item, mask)
+
+
+def kd_kl(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    scale_by_temperature_squared: bool = False,
+) -> Tensor:
+    """Kullback-Leibler divergence ``KL(p_t || p_s)`` between the tempered distributions.
+
+    ``loss = mean_{valid n} sum_c p_t[n, c] * (log p_t[n, c] - log p_s[n, c])``, with ``p = softmax(z / T[n])``.
+
+    It differs from :func:`kd_ce` by the teacher's entropy, a constant for the student: same gradients, but 0 at a
+    perfect match.
+
+    Args:
+        logits_s: Student logits, (N, C) or (B, L, C).
+        logits_t: Teacher logits, same shape.
+        temperature: A float, or per-sample temperatures (N,), (B,) or (B, L) (see :func:`kd_ce`).
+        mask: Which samples count: (N,) or (B, L); ``None`` for all.
+        scale_by_temperature_squared: Multiply each item's loss by its own ``T**2`` before averaging.
+
+    Returns:
+        A scalar: the mean over valid samples (or tokens).
+    """
+    mask = _check_class_logits(logits_s, logits_t, mask)
+    t = _broadcast_temperature(temperature, logits_s, logits_s.dim() - 1)
+    log_p_s = F.log_softmax(logits_s / t, dim=-1)  # (..., C)
+    log_p_t = F.log_softmax(logits_t / t, dim=-1)  # (..., C)
+    per_item = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=-1)  # (...)
+    if scale_by_temperature_squared:
+        per_item = per_item * _squeeze_class(t) ** 2
+    return _masked_mean(per_item, mask)
+
+
+def kd_mse(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    scale_by_temperature_squared: bool = False,
+) -> Tensor:
+    """Mean squared error between the tempered logits.
+
+    ``loss = mean_{valid n, c} (z_s[n, c] / T[n] - z_t[n, c] / T[n]) ** 2``
+
+    Args:
+        logits_s: Student logits, (N, C) or (B, L, C).
+        logits_t: Teacher logits, same shape.
+        temperature: A float, or per-sample temperatures (N,), (B,) or (B, L) (see :func:`kd_ce`).
+        mask: Which samples count: (N,) or (B, L); ``None`` for all.
+        scale_by_temperature_squared: Multiply each item's loss by its own ``T**2`` before averaging.
+
+    Returns:
+        A scalar: the mean over valid samples *and* classes.
+    """
+    mask = _check_class_logits(logits_s, logits_t, mask)
+    t = _broadcast_temperature(temperature, logits_s, logits_s.dim() - 1)
+    per_element = (logits_s / t - logits_t / t) ** 2  # (..., C)
+    if scale_by_temperature_squared:
+        per_element = per_element * t**2
+    return _masked_mean(per_element, None if mask is None else mask.unsqueeze(-1))
+
+
+def kd_bce(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    scale_by_temperature_squared: bool = False,
+) -> Tensor:
+    """Binary (or multi-label) distillation of sigmoid outputs.
+
+    ``loss = mean_{valid e} -(q_e log sigmoid(z_s[e] / T) + (1 - q_e) log(1 - sigmoid(z_s[e] / T)))`` with the soft
+    targets ``q_e = sigmoid(z_t[e] / T)``, over elements ``e``. Its minimum is the teacher's binary entropy, not 0.
+
+    Args:
+        logits_s: Student logits of any shape: (N,) or (B, L) for one binary output per sample or token (knowledge
+            tracing), (N, C) or (B, L, C) for multi-label outputs.
+        logits_t: Teacher logits, same shape.
+        temperature: A float, or per-sample temperatures whose shape is a leading part of the logits' shape
+            ((N,), (B,), (B, L), ...).
+        mask: Which elements count: either the logits' shape, or the logits' shape without its last dimension
+            (one flag per sample or token of multi-label logits); ``None`` for all.
+        scale_by_temperature_squared: Multiply each element's loss by its own ``T**2`` before averaging.
+
+    Returns:
+        A scalar: the mean over valid elements.
+    """
+    _check_same_shape(logits_s, logits_t, "logits_s", "logits_t")
+    if mask is not None:
+        if _shape(mask) == _shape(logits_s)[:-1] and logits_s.dim() > 1:
+            mask = mask.bool().unsqueeze(-1)
+        else:
+            mask = _check_mask(mask, _shape(logits_s), "the logits, or the logits without their last dimension")
+    t = _broadcast_temperature(temperature, logits_s, logits_s.dim())
+    targets = torch.sigmoid(logits_t / t)
+    per_element = F.binary_cross_entropy_with_logits(logits_s / t, targets, reduction="none")
+    if scale_by_temperature_squared:
+        per_element = per_element * t**2
+    return _masked_mean(per_element, mask)
+
+
+def shift_probability(logits_t: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Knowledge adjustment by probability shift (arXiv:1911.07471; TextBrewer's ``probability_shift``).
+
+    Where the teacher's top class is not the gold label, swap the teacher's largest logit with the gold label's logit,
+    so that the gold label becomes the teacher's prediction while the other classes keep their values. Samples the
+    teacher gets right are unchanged.
+
+    Args:
+        logits_t: Teacher logits, (N, C) or (B, L, C).
+        labels: Gold class ids, (N,) or (B, L); positions equal to ``ignore_index`` are left unchanged.
+        ignore_index: The label of positions without a gold label (padding).
+
+    Returns:
+        A new tensor of the shape of ``logits_t``; the input is not modified.
+    """
+    if logits_t.dim() < 2 or _shape(labels) != _shape(logits_t)[:-1]:
+        raise ValueError(
+            f"Expected `labels` to have the shape of `logits_t` without its class dimension but got {_shape(labels)} "
+            f"and {_shape(logits_t)}."
+        )
+    shifted = logits_t.reshape(-1, logits_t.shape[-1]).clone()  # (N, C)
+    flat_labels = labels.reshape(-1)  # (N,)
+    rows = torch.nonzero(flat_labels != ignore_index).squeeze(-1)  # (V,)
+    gold = flat_labels[rows].long()  # (V,)
+    top = shifted[rows].argmax(dim=-1)  # (V,)
+    gold_values, top_values = shifted[rows, gold], shifted[rows, top]  # (V,), (V,) copies, read before writing
+    shifted[rows, top] = gold_values
+    shifted[rows, gold] = top_values
+    return shifted.reshape(logits_t.shape)
+
+
+# ------------------------------------------------------------------------------------------- hidden-state losses
+def hidden_mse(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between hidden states (TinyBERT's hidden-state loss).
+
+    ``loss = mean_{valid (b, l), d} (h_s[b, l, d] - h_t[b, l, d]) ** 2``
+
+    Args:
+        h_s: Student hidden states, (B, L, D) (project them first when the widths differ).
+        h_t: Teacher hidden states, (B, L, D).
+        mask: (B, L), True for real tokens; ``None`` for all.
+
+    Returns:
+        A scalar: the mean over valid tokens and features.
+    """
+    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    mask = _check_mask(mask, _shape(h_s)[:-1], "the hidden states without their feature dimension")
+    per_element = (h_s - h_t) ** 2  # (B, L, D)
+    return _masked_mean(per_element, None if mask is None else mask.unsqueeze(-1))
+
+
+def cos(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cosine distance between hidden states, token by token (DistilBERT's cosine loss).
+
+    ``loss = mean_{valid (b, l)} 1 - <h_s[b, l], h_t[b, l]> / (|h_s[b, l]| |h_t[b, l]|)``
+
+    Args:
+        h_s: Student hidden states, (B, L, D).
+        h_t: Teacher hidden states, (B, L, D).
+        mask: (B, L), True for real tokens; ``None`` for all.
+
+    Returns:
+        A scalar: the mean over valid tokens, in [0, 2].
+    """
+    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    mask = _check_mask(mask, _shape(h_s)[:-1], "the hidden states without their feature dimension")
+    per_token = 1 - F.cosine_similarity(h_s, h_t, dim=-1)  # (B, L)
+    return _masked_mean(per_token, mask)
+
+
+def pkd(h_s: Tensor, h_t: Tensor) -> Tensor:
+    """Patient-KD loss (Sun et al. 2019): squared distance between L2-normalised first-token ([CLS]) vectors.
+
+    ``loss = mean_b sum_d (u_s[b, d] - u_t[b, d]) ** 2`` with ``u = h[b, 0] / |h[b, 0]|``: a *sum* over features and a
+    *mean* over the batch, in [0, 4]. No mask: only the first token, which is never padding, is used.
+
+    Args:
+        h_s: Student hidden states, (B, L, D), or first-token vectors (B, D).
+        h_t: Teacher hidden states, same shape.
+
+    Returns:
+        A scalar.
+    """
+    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    cls_s = h_s[:, 0] if h_s.dim() == 3 else h_s  # (B, D)
+    cls_t = h_t[:, 0] if h_t.dim() == 3 else h_t  # (B, D)
+    diff = F.normalize(cls_s, dim=-1) - F.normalize(cls_t, dim=-1)  # (B, D)
+    return (diff**2).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------- attention losses
+def _prepare_attention(
+    a_s: Tensor, a_t: Tensor, mask: Tensor | None, head_reduce: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check shapes and head_reduce; return (B, H, L, L) maps (a (B, L, L) map gets H = 1) and a bool mask."""
+    if head_reduce not in _HEAD_REDUCTIONS:
+        raise ValueError(f"Expected `head_reduce` to be one of {_HEAD_REDUCTIONS} but got {head_reduce!r}.")
+    for name, a in (("a_s", a_s), ("a_t", a_t)):
+        if a.dim() not in (3, 4) or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"Expected `{name}` to have shape (B, H, L, L) or (B, L, L) but got {_shape(a)}.")
+    a_s = a_s if a_s.dim() == 4 else a_s.unsqueeze(1)  # (B, H_s, L, L)
+    a_t = a_t if a_t.dim() == 4 else a_t.unsqueeze(1)  # (B, H_t, L, L)
+    if head_reduce == "none":
+        _check_same_shape(
+            a_s, a_t, "a_s", "a_t", "; use head_reduce='mean' or 'sum' to compare maps with different numbers of heads"
+        )
+    elif (a_s.shape[0], *a_s.shape[2:]) != (a_t.shape[0], *a_t.shape[2:]):
+        raise ValueError(
+            f"Expected `a_s` and `a_t` to have the same batch size and length but got {_shape(a_s)} and {_shape(a_t)}."
+        )
+    mask = _check_mask(mask, (a_s.shape[0], a_s.shape[-1]), "batch size, length")
+    return a_s, a_t, mask
+
+
+def _reduce_heads(a: Tensor, head_reduce: str) -> Tensor:
+    if head_reduce == "sum":
+        return a.sum(dim=1, keepdim=True)  # (B, 1, L, L)
+    if head_reduce == "mean":
+        return a.mean(dim=1, keepdim=True)  # (B, 1, L, L)
+    return a
+
+
+def attention_mse(
+    a_s: Tensor,
+    a_t: Tensor,
+    mask: Tensor | None = None,
+    scores: bool = False,
+    head_reduce: Literal["none", "sum", "mean"] = "none",
+) -> Tensor:
+    """Mean squared error between attention maps (TinyBERT's attention loss; TextBrewer's ``attention_mse[_sum]``).
+
+    ``loss = mean_{h, valid (i, j)} (A_s[b, h, i, j] - A_t[b, h, i, j]) ** 2`` where ``(i, j)`` is valid when both the
+    query token ``i`` and the key token ``j`` are real (``mask[b, i] and mask[b, j]``).
+
+    * ``scores=False``: the maps are probabilities (what ``transformers`` returns with ``output_attentions=True``);
+      padded keys already hold 0 and padded query rows are excluded by the mask.
+    * ``scores=True``: the maps are raw scores. Entries the model masked itself (at or below
+      :data:`MASKED_SCORE_THRESHOLD`: ``-inf``, ``finfo.min``, ``-10000`` ...), e.g. causal masking, are set to 0 before
+      the difference; padded query rows and key columns are excluded through ``mask``. Without ``mask``, setting
+      masked scores to 0 is the only exclusion.
+    * ``head_reduce``: ``"none"`` compares head ``h`` of the student with head ``h`` of the teacher; ``"sum"`` and
+      ``"mean"`` first sum or average each model's maps over its heads (then ``H`` may differ between the two) and
+      compare the (B, L, L) results.
+
+    Args:
+        a_s: Student attention, (B, H_s, L, L) or (B, L, L).
+        a_t: Teacher attention, (B, H_t, L, L) or (B, L, L); ``H_t == H_s`` when ``head_reduce="none"``.
+        mask: (B, L), True for real tokens; ``None`` for all.
+        scores: Whether the maps are raw scores rather than probabilities.
+        head_reduce: ``"none"``, ``"sum"`` or ``"mean"`` over heads before the loss.
+
+    Returns:
+        A scalar: the mean over heads (after ``head_reduce``) and valid (query, key) pairs.
+    """
+    a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
+    if scores:
+        a_s = a_s.masked_fill(a_s <= MASKED_SCORE_THRESHOLD, 0.0)
+        a_t = a_t.masked_fill(a_t <= MASKED_SCORE_THRESHOLD, 0.0)
+    per_pair = (_reduce_heads(a_s, head_reduce) - _reduce_heads(a_t, head_reduce)) ** 2  # (B, H', L, L)
+    if mask is None:
+        return per_pair.mean()
+    pairs = mask[:, :, None] & mask[:, None, :]  # (B, L, L): query i and key j both real
+    return _masked_mean(per_pair, pairs[:, None])
+
+
+def attention_ce(
+    a_s: Tensor,
+    a_t: Tensor,
+    mask: Tensor | None = None,
+    scores: bool = False,
+    head_reduce: Literal["none", "mean"] = "none",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Cross-entropy between the teacher's and the student's attention distributions (TextBrewer's ``attention_ce``).
+
+    ``loss = mean_{h, valid i} -sum_{valid j} P_t[b, h, i, j] * log P_s[b, h, i, j]``: one term per valid query row.
+
+    * ``scores=False``: the maps are probabilities; ``log P_s`` is ``log(max(P_s, eps))`` (``eps`` raised to the
+      dtype's smallest normal number if needed), so a key the student ignores costs a large but finite amount.
+    * ``scores=True``: the maps are raw scores. Scores at or below :data:`MASKED_SCORE_THRESHOLD` and padded key
+      columns are masked, then ``P_t = softmax(scores_t)`` and ``log P_s = log_softmax(scores_s)`` over keys. Given
+      the same masking, this equals ``scores=False`` on the softmaxed maps.
+    * ``head_reduce="mean"`` first averages over heads (TextBrewer's ``attention_ce_mean``): probabilities for
+      ``scores=False``, raw scores (then softmax) for ``scores=True``. ``"sum"`` is refused: a sum of
+      distributions is not a distribution.
+
+    Args:
+        a_s: Student attention, (B, H_s, L, L) or (B, L, L).
+        a_t: Teacher attention, (B, H_t, L, L) or (B, L, L); ``H_t == H_s`` when ``head_reduce="none"``.
+        mask: (B, L), True for real tokens: padded query rows are not averaged, padded key columns not summed.
+        scores: Whether the maps are raw scores rather than probabilities.
+        head_reduce: ``"none"`` or ``"mean"``.
+        eps: Floor of ``P_s`` before the log when ``scores=False``.
+
+    Returns:
+        A scalar: the mean over heads (after ``head_reduce``) and valid query rows.
+    """
+    if head_reduce == "sum":
+        raise ValueError(
+            "Expected `head_reduce` to be 'none' or 'mean' for attention_ce (a sum of distributions is not a "
+            "distribution) but got 'sum'."
+        )
+    a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
+    key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+    if scores:
+        a_s = _reduce_heads(a_s.masked_fill(a_s <= MASKED_SCORE_THRESHOLD, _SCORE_FILL), head_reduce)
+        a_t = _reduce_heads(a_t.masked_fill(a_t <= MASKED_SCORE_THRESHOLD, _SCORE_FILL), head_reduce)
+        if key_mask is not None:
+            a_s = a_s.masked_fill(~key_mask, _SCORE_FILL)
+            a_t = a_t.masked_fill(~key_mask, _SCORE_FILL)
+        log_p_s = F.log_softmax(a_s, dim=-1)  # (B, H', L, L)
+        p_t = F.softmax(a_t, dim=-1)  # (B, H', L, L)
+    else:
+        floor = max(eps, torch.finfo(a_s.dtype).tiny)
+        log_p_s = _reduce_heads(a_s, head_reduce).clamp_min(floor).log()  # (B, H', L, L)
+        p_t = _reduce_heads(a_t, head_reduce)  # (B, H', L, L)
+        if key_mask is not None:
+            p_t = torch.where(key_mask, p_t, p_t.new_zeros(()))
+    per_row = -(p_t * log_p_s).sum(dim=-1)  # (B, H', L)
+    return _masked_mean(per_row, None if mask is None else mask[:, None, :])
+
+
+# --------------------------------------------------------------------------------------- two-layer relation losses
+def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str, same_width: bool) -> None:
+    if a.dim() != 3 or b.dim() != 3:
+        raise ValueError(
+            f"Expected `{name_a}` and `{name_b}` to have shape (B, L, D) but got {_shape(a)} and {_shape(b)}."
+        )
+    if same_width:
+        _check_same_shape(a, b, name_a, name_b)
+    elif a.shape[:2] != b.shape[:2]:
+        raise ValueError(
+            f"Expected `{name_a}` and `{name_b}` to have the same batch size and length but got {_shape(a)} and "
+            f"{_shape(b)}."
+        )
+
+
+def _zero_padding(h: Tensor, mask: Tensor | None) -> Tensor:
+    return h if mask is None else h.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def fsp(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Flow-of-solution-procedure loss (Yim et al. 2017) between two layers, in TextBrewer's token form.
+
+    ``G[b] = A[b]^T B[b] / n_b`` (D_a, D_b), a Gram matrix of the features of layers ``a`` and ``b`` over the
+    ``n_b`` valid tokens of sample ``b`` (padded tokens are zeroed; ``n_b = L`` without a mask), then
+    ``loss = mean_{b, i, j} (G_s[b, i, j] - G_t[b, i, j]) ** 2``.
+
+    The student's widths must equal the teacher's (project the student's features first).
+
+    Args:
+        h_s_a: Student features of the first layer, (B, L, D_a).
+        h_s_b: Student features of the second layer, (B, L, D_b).
+        h_t_a: Teacher features of the first layer, (B, L, D_a).
+        h_t_b: Teacher features of the second layer, (B, L, D_b).
+        mask: (B, L), True for real tokens; ``None`` for all.
+
+    Returns:
+        A scalar: the mean over the batch and the D_a x D_b Gram entries.
+    """
+    _check_pair(h_s_a, h_s_b, "h_s_a", "h_s_b", same_width=False)
+    _check_pair(h_t_a, h_t_b, "h_t_a", "h_t_b", same_width=False)
+    _check_same_shape(h_s_a, h_t_a, "h_s_a", "h_t_a", _PROJECTION_HINT)
+    _check_same_shape(h_s_b, h_t_b, "h_s_b", "h_t_b", _PROJECTION_HINT)
+    mask = _check_mask(mask, _shape(h_s_a)[:2], "batch size, length")
+    if mask is None:
+        n = h_s_a.new_full((1, 1, 1), h_s_a.shape[1])
+    else:
+        n = mask.sum(dim=1).clamp_min(1).to(h_s_a.dtype)[:, None, None]  # (B, 1, 1)
+
+    def gram(a: Tensor, b: Tensor) -> Tensor:
+        return _zero_padding(a, mask).transpose(1, 2) @ _zero_padding(b, mask) / n  # (B, D_a, D_b)
+
+    return ((gram(h_s_a, h_s_b) - gram(h_t_a, h_t_b)) ** 2).mean()
+
+
+def nst(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Token-similarity loss between two layers (TextBrewer's ``nst``/``mmd``, a variant of Huang & Wang 2017's NST).
+
+    ``S[b] = A[b] B[b]^T / D`` (L, L): similarities between the tokens of layers ``a`` and ``b``, for the student
+    (width ``D_s``) and the teacher (width ``D_t``), then
+    ``loss = mean_{b, valid (i, j)} (S_s[b, i, j] - S_t[b, i, j]) ** 2`` where ``(i, j)`` is valid when both tokens
+    are real. The widths may differ between student and teacher (no projection needed).
+
+    Args:
+        h_s_a: Student features of the first layer, (B, L, D_s).
+        h_s_b: Student features of the second layer, (B, L, D_s).
+        h_t_a: Teacher features of the first layer, (B, L, D_t).
+        h_t_b: Teacher features of the second layer, (B, L, D_t).
+        mask: (B, L), True for real tokens; ``None`` for all.
+
+    Returns:
+        A scalar: the mean over valid token pairs.
+    """
+    _check_pair(h_s_a, h_s_b, "h_s_a", "h_s_b", same_width=True)
+    _check_pair(h_t_a, h_t_b, "h_t_a", "h_t_b", same_width=True)
+    if h_s_a.shape[:2] != h_t_a.shape[:2]:
+        raise ValueError(
+            f"Expected `h_s_a` and `h_t_a` to have the same batch size and length but got {_shape(h_s_a)} and "
+            f"{_shape(h_t_a)}."
+        )
+    mask = _check_mask(mask, _shape(h_s_a)[:2], "batch size, length")
+    sim_s = h_s_a @ h_s_b.transpose(1, 2) / h_s_a.shape[-1]  # (B, L, L)
+    sim_t = h_t_a @ h_t_b.transpose(1, 2) / h_t_a.shape[-1]  # (B, L, L)
+    per_pair = (sim_s - sim_t) ** 2  # (B, L, L)
+    if mask is None:
+        return per_pair.mean()
+    return _masked_mean(per_pair, mask[:, :, None] & mask[:, None, :])
+
+
+mmd = nst
+"""Alias of :func:`nst` (TextBrewer maps both names to the same loss)."""
