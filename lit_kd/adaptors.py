@@ -88,7 +88,9 @@ def kt_adaptor(batch: Mapping[str, Tensor], outputs: Tensor) -> ModelView:
 
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``transformers`` ``PreTrainedModel`` (without importing transformers eagerly)."""
-    return any(cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)
+    return any(
+        cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__
+    )
 
 
 def call_model(

@@ -133,8 +133,10 @@ def read_labelled_text(
         missing = [col for col in (text_col, label_col) if col not in header]
         if missing:
             raise TextFormatError(
-                path, header_line, f"Expected column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
-                f" in the header but got columns {header}"
+                path,
+                header_line,
+                f"Expected column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+                f" in the header but got columns {header}",
             )
         text_at, label_at = header.index(text_col), header.index(label_col)
         rows = iter(reader)
@@ -150,18 +152,21 @@ def read_labelled_text(
             line = reader.line_num
             if len(row) != len(header):
                 raise TextFormatError(
-                    path, line, f"Expected {len(header)} fields (as in the header) separated by {delimiter!r} but got"
-                    f" {len(row)}"
+                    path,
+                    line,
+                    f"Expected {len(header)} fields (as in the header) separated by {delimiter!r} but got {len(row)}",
                 )
             text = row[text_at].strip()
             if not text:
-                raise TextFormatError(path, line, f"Expected a non-empty text in column {text_col!r} but got an empty"
-                                      " field")
+                raise TextFormatError(
+                    path, line, f"Expected a non-empty text in column {text_col!r} but got an empty field"
+                )
             label = row[label_at].strip()
             if not _INT.fullmatch(label) or int(label) < 0:
                 found = "an empty field" if not label else repr(label)
-                raise TextFormatError(path, line, f"Expected an integer label >= 0 in column {label_col!r} but got"
-                                      f" {found}")
+                raise TextFormatError(
+                    path, line, f"Expected an integer label >= 0 in column {label_col!r} but got {found}"
+                )
             texts.append(text)
             labels.append(int(label))
     if not texts:
@@ -194,8 +199,10 @@ class TokenizedTextDataset(Dataset):
                 raise ValueError(f"Expected `{name}` to hold 'input_ids' but got keys {sorted(enc)}.")
             lengths = {key: len(column) for key, column in enc.items()}
             if any(n != len(labels) for n in lengths.values()):
-                raise ValueError(f"Expected every column of `{name}` to hold {len(labels)} samples (one per label)"
-                                 f" but got {lengths}.")
+                raise ValueError(
+                    f"Expected every column of `{name}` to hold {len(labels)} samples (one per label)"
+                    f" but got {lengths}."
+                )
         self.encoding = encoding
         self.labels = list(labels)
         self.student_encoding = student_encoding

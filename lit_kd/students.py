@@ -264,8 +264,9 @@ def build_bert_student(
     }
     for key, value in sizes.items():
         if not hasattr(config, key):
-            raise ValueError(f"Expected `{key}` to be None for a {type(config).__name__} (it has no `{key}`) but got"
-                             f" {value}.")
+            raise ValueError(
+                f"Expected `{key}` to be None for a {type(config).__name__} (it has no `{key}`) but got {value}."
+            )
         setattr(config, key, value)
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(

@@ -229,7 +229,8 @@ class KTDataModule(L.LightningDataModule):
             self._synthetic = sim
             train, val = self._split_off_validation(train)
         elif h.fold is not None:
-            train, val, test = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv"), self._read("test.csv")
+            train, val = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv")
+            test = self._read("test.csv")
         else:
             train, test = self._read("train.csv"), self._read("test.csv")
             train, val = self._split_off_validation(train)
@@ -309,4 +310,3 @@ class KTDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
-

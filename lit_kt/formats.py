@@ -199,8 +199,9 @@ def read_three_line(path: str | os.PathLike[str]) -> list[StudentSequence]:
         text = lines[k]
         if not text.strip():
             raise KTFormatError(
-                path, k + 1, "Expected a non-blank line (blank lines are allowed only at the end of the file) "
-                "but got a blank line"
+                path,
+                k + 1,
+                "Expected a non-blank line (blank lines are allowed only at the end of the file) but got a blank line",
             )
         return text
 
@@ -219,20 +220,24 @@ def read_three_line(path: str | os.PathLike[str]) -> list[StudentSequence]:
                 nonblank(k)
             have = n - i
             raise KTFormatError(
-                path, i + 1, "Expected 3 lines for this student record (count, exercise ids, responses) "
-                f"but got {have} line{'s' if have != 1 else ''} before the end of the file"
+                path,
+                i + 1,
+                "Expected 3 lines for this student record (count, exercise ids, responses) "
+                f"but got {have} line{'s' if have != 1 else ''} before the end of the file",
             )
         exercises = _parse_ids(path, i + 2, nonblank(i + 1))
         if len(exercises) != count:
             raise KTFormatError(
-                path, i + 1, f"Expected {count} exercise ids on line {i + 2} (the count on this line) "
-                f"but got {len(exercises)}"
+                path,
+                i + 1,
+                f"Expected {count} exercise ids on line {i + 2} (the count on this line) but got {len(exercises)}",
             )
         responses = _parse_responses(path, i + 3, nonblank(i + 2))
         if len(responses) != len(exercises):
             raise KTFormatError(
-                path, i + 3, f"Expected {len(exercises)} responses (one per exercise id on line {i + 2}) "
-                f"but got {len(responses)}"
+                path,
+                i + 3,
+                f"Expected {len(exercises)} responses (one per exercise id on line {i + 2}) but got {len(responses)}",
             )
         sequences.append(StudentSequence(exercises, responses))
     return sequences
@@ -261,12 +266,12 @@ def _parse_ids(path: str | os.PathLike[str], line: int, text: str) -> np.ndarray
             raise KTFormatError(path, line, f"Expected an integer exercise id at field {pos} but got {found}")
         if int(value) < 1:
             raise KTFormatError(
-                path, line, f"Expected an exercise id >= 1 (0 is reserved for padding) at field {pos} "
-                f"but got {value!r}"
+                path, line, f"Expected an exercise id >= 1 (0 is reserved for padding) at field {pos} but got {value!r}"
             )
         if int(value) > _INT64_MAX:
-            raise KTFormatError(path, line, f"Expected an exercise id that fits in int64 at field {pos} "
-                                f"but got {value!r}")
+            raise KTFormatError(
+                path, line, f"Expected an exercise id that fits in int64 at field {pos} but got {value!r}"
+            )
     raise KTFormatError(path, line, f"Expected comma-separated exercise ids but got {text.strip()!r}")  # unreachable
 
 
@@ -362,16 +367,20 @@ def read_long_table(
         missing = [col for col in required if col not in header]
         if missing:
             raise KTFormatError(
-                path, header_line, f"Expected column{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(map(repr, missing))} in the header but got columns {header}"
+                path,
+                header_line,
+                f"Expected column{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(map(repr, missing))} in the header but got columns {header}",
             )
 
         def value(row: dict[str | None, object], col: str, line: int, what: str) -> str:
             raw = row.get(col)
             if raw is None:
                 raise KTFormatError(
-                    path, line, f"Expected {what} in column {col!r} but got a missing field "
-                    f"(the row has fewer fields than the header)"
+                    path,
+                    line,
+                    f"Expected {what} in column {col!r} but got a missing field "
+                    f"(the row has fewer fields than the header)",
                 )
             return str(raw).strip()
 
@@ -387,8 +396,9 @@ def read_long_table(
 
             student = value(row, student_col, line, "a student id")
             if not student:
-                raise KTFormatError(path, line, f"Expected a non-empty student id in column {student_col!r} "
-                                    "but got an empty field")
+                raise KTFormatError(
+                    path, line, f"Expected a non-empty student id in column {student_col!r} but got an empty field"
+                )
 
             ex_text = value(row, exercise_col, line, "an exercise id")
             if not _INT.fullmatch(ex_text) or int(ex_text) < 1:
@@ -399,8 +409,9 @@ def read_long_table(
             exercise = int(ex_text)
             if exercise > _INT64_MAX:
                 raise KTFormatError(
-                    path, line, f"Expected an exercise id that fits in int64 in column {exercise_col!r} "
-                    f"but got {ex_text!r}"
+                    path,
+                    line,
+                    f"Expected an exercise id that fits in int64 in column {exercise_col!r} but got {ex_text!r}",
                 )
 
             correct_text = value(row, correct_col, line, "a response")
@@ -414,9 +425,7 @@ def read_long_table(
                 order = _parse_order(order_text)
                 if order is None:
                     found = "an empty field" if not order_text else repr(order_text)
-                    raise KTFormatError(
-                        path, line, f"Expected a finite number in column {order_col!r} but got {found}"
-                    )
+                    raise KTFormatError(path, line, f"Expected a finite number in column {order_col!r} but got {found}")
 
             group = groups.get(student)
             if group is None:

@@ -59,14 +59,19 @@ class EpochPrinter(L.Callback):
         if trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        print(f"epoch {trainer.current_epoch + 1}: val/auc {m.get('val/auc', float('nan')):.4f}"
-              f" val/loss {m.get('val/loss', float('nan')):.4f}", flush=True)
+        print(
+            f"epoch {trainer.current_epoch + 1}: val/auc {m.get('val/auc', float('nan')):.4f}"
+            f" val/loss {m.get('val/loss', float('nan')):.4f}",
+            flush=True,
+        )
 
 
 def build_model(name: str, num_exercises: int, a: argparse.Namespace) -> torch.nn.Module:
     if name == "sakt":
         return SAKT(num_exercises, a.d_model, a.num_heads, a.num_layers, a.max_len, a.dropout)
-    return DKT(num_exercises, hidden_size=a.d_model, num_layers=a.num_layers, embedding_dim=a.d_model, dropout=a.dropout)
+    return DKT(
+        num_exercises, hidden_size=a.d_model, num_layers=a.num_layers, embedding_dim=a.d_model, dropout=a.dropout
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

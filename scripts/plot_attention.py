@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lit_kt import KTDataModule, KTModule, SAKT
+from lit_kt import SAKT, KTDataModule, KTModule
 from lit_kt.plotting import plot_attention
 
 

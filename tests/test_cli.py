@@ -39,13 +39,20 @@ def test_cli_fit_links_num_exercises_and_checkpoint_loads_in_python(tmp_path, ca
     build_cli(
         [
             "fit",
-            "--config", str(config),
-            "--trainer.max_epochs", "1",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.synthetic_students", "100",
-            "--data.synthetic_exercises", "17",
-            "--model.init_args.model.init_args.d_model", "16",
+            "--config",
+            str(config),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.synthetic_students",
+            "100",
+            "--data.synthetic_exercises",
+            "17",
+            "--model.init_args.model.init_args.d_model",
+            "16",
         ]
     )
     assert "test AUC:" in capsys.readouterr().out

@@ -47,7 +47,8 @@ def test_dataset_and_collate_pad_right_and_mask_scored_positions():
     seqs = [_seq(range(1, 8), [1, 0, 1, 1, 0, 0, 1]), _seq([4, 2], [0, 1])]
     ds = KTDataset(seqs, max_len=5, stride=3)
     # sequence 0 (7 long): windows (0,5,0), (2,7,5); sequence 1: (0,2,0)
-    assert [(w.sequence, w.start, w.end, w.score_from) for w in ds.windows] == [(0, 0, 5, 0), (0, 2, 7, 5), (1, 0, 2, 0)]
+    spans = [(w.sequence, w.start, w.end, w.score_from) for w in ds.windows]
+    assert spans == [(0, 0, 5, 0), (0, 2, 7, 5), (1, 0, 2, 0)]
     b = collate_kt([ds[i] for i in range(3)])
     assert b["exercises"].tolist() == [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7], [4, 2, 0, 0, 0]]
     assert b["responses"].tolist() == [[1, 0, 1, 1, 0], [1, 1, 0, 0, 1], [0, 1, 0, 0, 0]]

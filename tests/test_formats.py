@@ -252,7 +252,10 @@ def test_long_table_custom_columns_and_tab(tmp_path):
 def test_long_table_missing_column(tmp_path):
     path = _write(tmp_path, "user_id,skill,correct\nu1,3,1\n")
     err = _expect_error(
-        path, 1, "Expected columns 'skill_id', 'order_id' in the header", "['user_id', 'skill', 'correct']",
+        path,
+        1,
+        "Expected columns 'skill_id', 'order_id' in the header",
+        "['user_id', 'skill', 'correct']",
         reader=read_long_table,
     )
     assert "but got columns" in err.message
@@ -275,8 +278,9 @@ def test_long_table_bad_exercise(tmp_path, value):
     path = _write(tmp_path, f"order_id,user_id,skill_id,correct\n1,u1,3,1\n\n2,u1,{value},1\n")
     found = repr(value) if value else "an empty field"
     # The blank line 3 is skipped but still counted: the bad row is physical line 4.
-    _expect_error(path, 4, "Expected an integer exercise id >= 1 in column 'skill_id'", f"but got {found}",
-                  reader=read_long_table)
+    _expect_error(
+        path, 4, "Expected an integer exercise id >= 1 in column 'skill_id'", f"but got {found}", reader=read_long_table
+    )
 
 
 @pytest.mark.parametrize("value", ["abc", "nan", ""])

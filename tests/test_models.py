@@ -114,8 +114,6 @@ def test_dkt_reads_the_predicted_exercise_logit():
     """DKT's logit at t is the output unit of exercises[t]: swapping only that id changes only position t."""
     model = make_models()["dkt"]
     ex, resp = batch()
-    h, _ = model.lstm(
-        torch.cat([model.start.expand(B, 1, -1), model.interaction_emb((ex + E * resp)[:, :-1])], dim=1)
-    )
+    h, _ = model.lstm(torch.cat([model.start.expand(B, 1, -1), model.interaction_emb((ex + E * resp)[:, :-1])], dim=1))
     expected = (model.head(h)).gather(-1, ex.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(model(ex, resp), expected)

@@ -6,7 +6,6 @@ from functools import partial
 
 import lightning as L
 import numpy as np
-import pytest
 import torch
 
 from lit_kt import SAKT, KTDataModule, SAKTModule, StudentSequence, write_three_line
