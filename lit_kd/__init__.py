@@ -1,3 +1,15 @@
-"""Knowledge distillation with PyTorch Lightning (in progress, see issue 3)."""
+"""Knowledge distillation with PyTorch Lightning: one module distils any teacher into any student."""
 
-__all__: list[str] = []
+from lit_kd.adaptors import ModelView, call_model, default_adaptor, kt_adaptor
+from lit_kd.config import DistillationConfig, IntermediateMatch
+from lit_kd.module import DistillationModule
+
+__all__ = [
+    "DistillationConfig",
+    "DistillationModule",
+    "IntermediateMatch",
+    "ModelView",
+    "call_model",
+    "default_adaptor",
+    "kt_adaptor",
+]
