@@ -2,9 +2,11 @@
 
 from lit_kd.adaptors import ModelView, call_model, default_adaptor, kt_adaptor
 from lit_kd.config import DistillationConfig, IntermediateMatch
+from lit_kd.finetune import ClassifierModule
 from lit_kd.module import DistillationModule
 
 __all__ = [
+    "ClassifierModule",
     "DistillationConfig",
     "DistillationModule",
     "IntermediateMatch",

@@ -10,25 +10,13 @@ of :mod:`lit_kd.factories` that builds a ``transformers`` model from a name or p
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType
+
+from lit_kt.cli import TestAfterFitCLI
 
 
-class KDCLI(LightningCLI):
-    """LightningCLI with an optional test of the best checkpoint after ``fit``."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint on the test split."
-        )
-
-    def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit"):
-            return
-        callback = self.trainer.checkpoint_callback
-        ckpt = "best" if callback is not None and callback.best_model_path else None
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
-        if self.trainer.is_global_zero and results:
-            print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results[0].items()))
+class KDCLI(TestAfterFitCLI):
+    """The ``lit-kd`` CLI: any LightningModule and data module by ``class_path``; ``fit --test_after_fit true``."""
 
 
 def build_cli(args: ArgsType = None, run: bool = True, cli_class: type[KDCLI] = KDCLI) -> KDCLI:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd.students import resolve_name_or_path
+from lit_kt.formats import FileFormatError
 
 __all__ = [
     "TextClassificationDataModule",
@@ -48,34 +49,8 @@ _DELIMITERS = {".tsv": "\t", ".csv": ","}
 _ENCODING_KEYS = ("input_ids", "token_type_ids")
 
 
-class TextFormatError(ValueError):
-    """Raised for a malformed text-classification file.
-
-    The message starts with ``"<path>:<line>: "`` (1-based physical line number), or ``"<path>: "`` when the problem
-    concerns the file as a whole (e.g. it is empty).
-
-    Attributes:
-        path: The file, as given to the reader.
-        line: The 1-based line number, or ``None``.
-        message: The description without the location prefix.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], line: int | None, message: str) -> None:
-        """Builds the error.
-
-        Args:
-            path: The file in which the problem was found.
-            line: The 1-based line number, or ``None`` for a problem with the whole file.
-            message: What was expected and what was found.
-        """
-        self.path = path
-        self.line = line
-        self.message = message
-        location = os.fspath(path) if line is None else f"{os.fspath(path)}:{line}"
-        super().__init__(f"{location}: {message}")
-
-    def __reduce__(self):  # keep the error picklable (e.g. raised inside DataLoader workers)
-        return (type(self), (self.path, self.line, self.message))
+class TextFormatError(FileFormatError):
+    """Raised for a malformed text-classification file (message ``"<path>:<line>: ..."``; see ``FileFormatError``)."""
 
 
 def read_labelled_text(

@@ -14,13 +14,10 @@ from lit_kt.data import KTDataModule
 from lit_kt.module import KTModule
 
 
-class KTCLI(LightningCLI):
-    """LightningCLI with the data-to-model links of knowledge tracing and an optional test after ``fit``."""
+class TestAfterFitCLI(LightningCLI):
+    """LightningCLI with ``fit --test_after_fit true``: test the best checkpoint right after training."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments(
-            "data.num_exercises", "model.init_args.model.init_args.num_exercises", apply_on="instantiate"
-        )
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint on the test split."
         )
@@ -32,14 +29,31 @@ class KTCLI(LightningCLI):
         ckpt = "best" if callback is not None and callback.best_model_path else None
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if self.trainer.is_global_zero and results:
-            line = f"test AUC: {results[0]['test/auc']:.4f}"
-            oracle = self.datamodule.oracle_auc()
-            if oracle is not None:
-                line += (
-                    f" (simulated students: oracle AUC {oracle:.4f}, the best any model can reach from the history;"
-                    f" true-probability AUC {self.datamodule.true_probability_auc():.4f}, an unreachable bound)"
-                )
-            print(line)
+            print(self.summary(results[0]))
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """The line printed after the test of ``--test_after_fit``."""
+        return "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+class KTCLI(TestAfterFitCLI):
+    """The ``lit-kt`` CLI: links the data's ``num_exercises`` into the model; reports the oracle AUC if known."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments(
+            "data.num_exercises", "model.init_args.model.init_args.num_exercises", apply_on="instantiate"
+        )
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        line = f"test AUC: {metrics['test/auc']:.4f}"
+        oracle = self.datamodule.oracle_auc()
+        if oracle is not None:
+            line += (
+                f" (simulated students: oracle AUC {oracle:.4f}, the best any model can reach from the history;"
+                f" true-probability AUC {self.datamodule.true_probability_auc():.4f}, an unreachable bound)"
+            )
+        return line
 
 
 def build_cli(args: ArgsType = None, run: bool = True, cli_class: type[KTCLI] = KTCLI) -> KTCLI:

@@ -138,8 +138,8 @@ def _as_int64_vector(values: object, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-class KTFormatError(ValueError):
-    """Raised for malformed knowledge-tracing data.
+class FileFormatError(ValueError):
+    """Raised for a malformed data file; the base of :class:`KTFormatError` and ``lit_kd.data.TextFormatError``.
 
     The message starts with ``"<path>:<line>: "`` (1-based line number), or ``"<path>: "`` when the problem concerns
     the file as a whole (e.g. it is empty).
@@ -166,6 +166,10 @@ class KTFormatError(ValueError):
 
     def __reduce__(self):  # keep the error picklable (e.g. raised inside DataLoader workers)
         return (type(self), (self.path, self.line, self.message))
+
+
+class KTFormatError(FileFormatError):
+    """Raised for malformed knowledge-tracing data (message ``"<path>:<line>: ..."``; see :class:`FileFormatError`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -294,3 +294,22 @@ def test_export_student(tmp_path):
         if "classifier.weight" in state
         else next(iter(gru.state_dict().values())),
     )
+
+
+def test_bfloat16_teacher_and_projection_learning_rate():
+    teacher, student = bert(4, 16, 0), bert(2, 8, 1)
+    module = DistillationModule(
+        teacher,
+        student,
+        matches_config(),
+        teacher_dtype="bfloat16",
+        projection_lr=0.5,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        num_labels=3,
+    )
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    groups = module.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups] == [0.1, 0.5]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.projections.parameters()}
+    loss = module.eval().training_step(batches(1)[0], 0)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
