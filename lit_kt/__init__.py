@@ -6,6 +6,7 @@ from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
 from lit_kt.models import DKT, SAKT
 from lit_kt.module import DKTModule, KTModule, SAKTModule
+from lit_kt.streaming import SAKTStream
 from lit_kt.synthetic import SyntheticStudents, generate_students, roc_auc
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "KTModule",
     "SAKT",
     "SAKTModule",
+    "SAKTStream",
     "StudentSequence",
     "SyntheticStudents",
     "collate_kt",
