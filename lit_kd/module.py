@@ -58,6 +58,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
 from lit_kd.adaptors import ModelView, call_model, default_adaptor, is_transformers_model
+from lit_kd.cache import TeacherCache
 from lit_kd.config import DistillationConfig, IntermediateMatch
 from lit_kd.losses import shift_probability
 
@@ -98,6 +99,9 @@ class DistillationModule(L.LightningModule):
         metric_task: Validation/test metrics of the student: ``"multiclass"`` (accuracy) or ``"binary"`` (AUROC
             and accuracy of sigmoid outputs, e.g. knowledge tracing).
         num_labels: Classes for ``"multiclass"`` metrics.
+        teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits are read
+            from it by ``batch["index"]`` instead of running the teacher (one teacher, no intermediate matches). It
+            is checked against the teacher's weights here and against every batch's inputs.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class DistillationModule(L.LightningModule):
         save_teacher: bool = False,
         metric_task: Literal["multiclass", "binary"] = "multiclass",
         num_labels: int = 2,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -156,6 +161,19 @@ class DistillationModule(L.LightningModule):
             if teacher_dtype == "bfloat16":
                 t.to(torch.bfloat16)
         self._checked_first_batch = False
+        self._cache = None
+        if teacher_cache is not None:
+            if self.config.intermediate_matches:
+                raise ValueError(
+                    "Expected no `intermediate_matches` with `teacher_cache` (the cache holds logits only) but got "
+                    f"{len(self.config.intermediate_matches)}."
+                )
+            if len(self.all_teachers()) != 1:
+                raise ValueError(
+                    f"Expected one teacher with `teacher_cache` but got {len(self.all_teachers())}; cache the "
+                    "ensemble's combined logits with one wrapper model instead."
+                )
+            self._cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0])
         if metric_task == "multiclass":
             metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
         else:
@@ -173,8 +191,12 @@ class DistillationModule(L.LightningModule):
         task = self._task(batch)
         s_batch, t_batch = self._part(batch, "student"), self._part(batch, "teacher")
         s_view = self._view(self.student, s_batch, self.student_adaptors, task)
-        with torch.no_grad():
-            t_views = [self._view(t, t_batch, self.teacher_adaptors, task) for t in self.teachers[task]]
+        if self._cache is not None:
+            logits_t = self._cache.lookup(self._index(batch), t_batch, like=s_view.logits)
+            t_views = [ModelView(logits=logits_t)]
+        else:
+            with torch.no_grad():
+                t_views = [self._view(t, t_batch, self.teacher_adaptors, task) for t in self.teachers[task]]
         if not self._checked_first_batch:
             self._check_views(s_view, t_views)
             self._checked_first_batch = True
@@ -286,6 +308,12 @@ class DistillationModule(L.LightningModule):
     @staticmethod
     def _task(batch: Any) -> str:
         return batch.get("task", DEFAULT_TASK) if isinstance(batch, Mapping) else DEFAULT_TASK
+
+    @staticmethod
+    def _index(batch: Any) -> Tensor:
+        if not isinstance(batch, Mapping) or "index" not in batch:
+            raise ValueError("Expected batches with an `index` entry (sample indices) when `teacher_cache` is set.")
+        return batch["index"]
 
     @staticmethod
     def _part(batch: Any, who: str) -> Any:
