@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd.students import resolve_name_or_path
+from lit_kt.data import distributed_eval_sampler
 from lit_kt.formats import FileFormatError
 
 __all__ = [
@@ -426,10 +427,13 @@ class TextClassificationDataModule(L.LightningDataModule):
             pad_token_id=self.load_tokenizer("teacher").pad_token_id,
             student_pad_token_id=self.load_tokenizer("student").pad_token_id,
         )
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=h.batch_size if split == "train" or h.eval_batch_size is None else h.eval_batch_size,
             shuffle=split == "train",
+            # Under DDP each validation/test sample goes to exactly one process (Lightning's sampler would repeat some).
+            sampler=None if split == "train" else distributed_eval_sampler(dataset, self.trainer),
             num_workers=h.num_workers,
             collate_fn=collate,
             persistent_workers=h.num_workers > 0,

@@ -44,14 +44,13 @@ def pretrained_classifier(
         checkpoint: A Lightning checkpoint of a ``ClassifierModule`` or ``DistillationModule`` whose weights to load.
         attn_implementation: ``"sdpa"`` or ``"eager"``; ``None`` for the model's default.
     """
-    model = load_teacher(resolve_name_or_path(name_or_path), num_labels=num_labels,
-                         attn_implementation=attn_implementation)
+    model = load_teacher(
+        resolve_name_or_path(name_or_path), num_labels=num_labels, attn_implementation=attn_implementation
+    )
     return _load_lightning_weights(model, checkpoint) if checkpoint else model
 
 
-def bert_student(
-    name_or_path: str, layers: list[int], num_labels: int = 2, checkpoint: str | None = None
-) -> nn.Module:
+def bert_student(name_or_path: str, layers: list[int], num_labels: int = 2, checkpoint: str | None = None) -> nn.Module:
     """A smaller BERT initialised from chosen layers of a (fine-tuned) teacher (e.g. ``[0, 5]`` of 6).
 
     Args:

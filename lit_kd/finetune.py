@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ internals
     def _logits(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        view = default_adaptor(batch, call_model(self.model, batch))
+        # Without `labels` the model computes no loss of its own: the loss is this module's cross-entropy.
+        inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, Mapping) else batch
+        view = default_adaptor(batch, call_model(self.model, inputs))
         return view.logits.float(), view.labels  # (B, C), (B,)
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,5 +149,5 @@ class ClassifierModule(L.LightningModule):
     def _eval_step(self, batch: Any, stage: str, metrics: MetricCollection) -> None:
         loss, logits, labels = self._shared_step(batch)
         metrics.update(logits, labels)
-        self.log(f"{stage}/loss", loss, batch_size=labels.numel())
+        self.log(f"{stage}/loss", loss, batch_size=labels.numel(), sync_dist=True)  # one reduction, at epoch end
         self.log_dict(metrics, prog_bar=True, batch_size=labels.numel())

@@ -22,6 +22,13 @@ class TestAfterFitCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint on the test split."
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the model's config with the checkpoint's saved hyperparameters when
+        # `--ckpt_path FILE` is given; the modules do not save their optimizer (a callable), so a resumed run would
+        # silently fall back to the default optimizer. The YAML stays authoritative; the weights, optimizer and
+        # loop state still come from the checkpoint.
+        return
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return

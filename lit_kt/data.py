@@ -7,11 +7,14 @@ A batch is a dict of tensors:
 - ``mask`` (B, L) bool, the positions that are *scored* (loss and metrics): real positions, minus the context-only
   positions of overlapping evaluation windows, so that every interaction is scored exactly once;
 - ``index`` (B,) int64, the window's index in its dataset.
+
+Under DDP the evaluation loaders split their windows over the processes without repeating any
+(:func:`distributed_eval_sampler`), so validation and test metrics equal the single-process figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,7 +22,8 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lit_kt.formats import StudentSequence, read_long_table, read_three_line
 
@@ -121,6 +125,40 @@ def collate_kt(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def distributed_eval_sampler(dataset: Sized, trainer: L.Trainer | None) -> UnrepeatedDistributedSampler | None:
+    """The sampler of an evaluation loader under DDP: each sample goes to exactly one process.
+
+    Lightning replaces the sampler of a plain evaluation loader with a ``DistributedSampler``, which pads the dataset
+    with repeated samples until every process gets as many; those samples are then counted twice in the metrics.
+    Lightning keeps a loader's sampler when it already is a ``DistributedSampler``, so the data modules pass this one:
+    process ``r`` of ``W`` reads samples ``r, r + W, r + 2W, ...`` in order, and some processes may run one batch
+    fewer than others. That is safe because evaluation steps call no collective per batch: metrics are torchmetrics
+    objects, gathered once in ``compute()`` (which accepts states of different sizes), and DDP syncs buffers only in
+    its first forward after a training step (or its very first), which every process runs since each holds at least
+    one sample.
+
+    Args:
+        dataset: The evaluation dataset.
+        trainer: The trainer the data module is attached to (``self.trainer``); world size and rank come from it.
+
+    Returns:
+        The sampler, or ``None`` outside a distributed run (no trainer, or a world size of 1).
+
+    Raises:
+        ValueError: If the dataset holds fewer samples than there are processes.
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return None
+    if len(dataset) < trainer.world_size:
+        raise ValueError(
+            f"Expected an evaluation set of at least as many samples as processes ({trainer.world_size}) but got"
+            f" {len(dataset)}."
+        )
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+
+
 class KTDataModule(L.LightningDataModule):
     """Train/validation/test data for knowledge tracing, from a folder of files or from simulated students.
 
@@ -141,7 +179,11 @@ class KTDataModule(L.LightningDataModule):
         val_fraction: Fraction of training students held out for validation when ``fold`` is None (0 for none).
         max_len: Longest window fed to the model; longer sequences are cut into windows.
         eval_stride: Stride of validation/test/predict windows; ``None`` for non-overlapping windows.
-        batch_size: Windows per batch.
+        batch_size: Windows per batch (per process under DDP: the global batch is ``world_size * batch_size``).
+        shuffle: Reshuffle the training windows every epoch (under DDP Lightning's ``DistributedSampler`` does it,
+            seeded by ``seed_everything`` and the epoch). ``False`` keeps their order, also under DDP: process ``r``
+            of ``W`` takes windows ``r, r + W, ...``, so ``W`` processes with ``batch_size`` ``b`` see, step by step,
+            the same windows as one process with ``batch_size`` ``W * b``.
         num_workers: DataLoader workers.
         seed: Seed of the validation split and of the simulated students.
         num_exercises: Number of exercise ids; ``None`` for the largest id found in any split.
@@ -164,6 +206,7 @@ class KTDataModule(L.LightningDataModule):
         max_len: int = 100,
         eval_stride: int | None = None,
         batch_size: int = 64,
+        shuffle: bool = True,
         num_workers: int = 0,
         seed: int = 42,
         num_exercises: int | None = None,
@@ -289,24 +332,35 @@ class KTDataModule(L.LightningDataModule):
         self.val_set = KTDataset(splits["val"], h.max_len, h.eval_stride)
         self.test_set = KTDataset(splits["test"], h.max_len, h.eval_stride)
 
-    def _loader(self, dataset: KTDataset, shuffle: bool) -> DataLoader:
+    def _sampler(self, dataset: KTDataset, train: bool) -> Sampler | None:
+        if not train:
+            return distributed_eval_sampler(dataset, self.trainer)
+        if self.hparams.shuffle or self.trainer is None or self.trainer.world_size <= 1:
+            return None  # a plain loader; under DDP Lightning adds a shuffling DistributedSampler
+        # Lightning shuffles every training loader it distributes, even with shuffle=False: keep the order.
+        return DistributedSampler(
+            dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+
+    def _loader(self, dataset: KTDataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=train and self.hparams.shuffle,
+            sampler=self._sampler(dataset, train),
             num_workers=self.hparams.num_workers,
             collate_fn=collate_kt,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return self._loader(self.val_set, train=False) if len(self.val_set) else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)

@@ -127,7 +127,9 @@ class KTModule(L.LightningModule):
         loss, logits, targets = self._shared_step(batch)
         metrics.update(torch.sigmoid(logits.float()), targets)
         n = int(batch["mask"].sum())  # weight the epoch mean by scored positions, not by rows
-        self.log(f"{stage}/loss", loss, batch_size=max(n, 1))
+        # sync_dist: under DDP the epoch loss is reduced over processes once, at epoch end (ranks may differ in
+        # their number of evaluation batches, which is fine for an epoch-end reduction).
+        self.log(f"{stage}/loss", loss, batch_size=max(n, 1), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
 

@@ -61,3 +61,25 @@ def test_cli_fit_links_num_exercises_and_checkpoint_loads_in_python(tmp_path, ca
     assert module.model.num_exercises == 17 and module.model.config["d_model"] == 16
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     torch.testing.assert_close(module.model.head.weight, state["model.head.weight"])
+
+
+def test_resuming_from_a_checkpoint_file_keeps_the_configured_optimizer(tmp_path):
+    text = next(c for c in KT_CONFIGS if c.name == "sakt_synthetic.yaml").read_text()
+    text = text.replace("class_path: torch.optim.Adam", "class_path: torch.optim.SGD").replace(
+        "lr: 0.003", "lr: 0.05\n        momentum: 0.9"
+    )
+    config = tmp_path / "sgd.yaml"
+    config.write_text(text)
+    args = [
+        "--config", str(config),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--data.synthetic_students", "60",
+        "--test_after_fit", "false",
+    ]  # fmt: skip
+    build_cli(["fit", *args, "--trainer.max_epochs", "1"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    cli = build_cli(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    assert cli.trainer.current_epoch == 2
