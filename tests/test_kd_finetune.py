@@ -83,6 +83,13 @@ def test_loss_is_cross_entropy_of_the_logits_not_the_models_own_loss():
     b["labels"] = torch.tensor([0, 1, 2, 0, 1, 2])
     torch.testing.assert_close(plain.loss(b), F.cross_entropy(plain.model(b["input_ids"]), b["labels"]))
 
+    class OwnLoss(Tensorish):  # reports a loss of its own, which the module ignores
+        def forward(self, input_ids, labels=None):
+            return {"logits": self.emb(input_ids), "loss": torch.tensor(123.0)}
+
+    own = ClassifierModule(OwnLoss(), num_labels=3)
+    torch.testing.assert_close(own.loss(b), F.cross_entropy(own.model.emb(b["input_ids"]), b["labels"]))
+
 
 def test_a_few_steps_learn_a_toy_task(tmp_path):
     L.seed_everything(0)
