@@ -53,6 +53,10 @@ class KTModule(L.LightningModule):
         model: A KT model (see the module docstring), or its ``{"class_path", "init_args"}`` spec.
         optimizer: Builds the optimizer from the parameters.
         lr_scheduler: Builds a learning-rate scheduler from the optimizer, stepped every epoch; ``None`` for none.
+        compile: Compile the model's forward with ``torch.compile`` when the trainer sets the module up
+            (``nn.Module.compile``: in place, so state-dict keys and checkpoints are unchanged).
+        compile_backend: The ``torch.compile`` backend (``"inductor"`` generates kernels; ``"aot_eager"`` only traces,
+            cheap to check).
 
     Example:
         >>> module = KTModule(SAKT(num_exercises=110))
@@ -63,6 +67,8 @@ class KTModule(L.LightningModule):
         model: nn.Module,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         # Callables and modules do not belong in a checkpoint's hyperparameters; the model's spec does.
@@ -84,7 +90,7 @@ class KTModule(L.LightningModule):
         return self.model(exercises, responses)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, _, _ = self._shared_step(batch)
+        loss, _ = self._shared_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["exercises"].shape[0])
         return loss
 
@@ -105,6 +111,11 @@ class KTModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile(backend=self.hparams.compile_backend)
+            self._compiled = True
+
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves metric states created under inference mode, which fit's
         # validation (run under no_grad) cannot update in place; fresh states avoid that.
@@ -117,16 +128,15 @@ class KTModule(L.LightningModule):
         """Probability that the student answers each candidate correctly next; see :func:`lit_kt.predict_next`."""
         return predict_next(self.model, exercises, responses, candidates)
 
-    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["exercises"], batch["responses"])  # (B, L)
-        mask = batch["mask"]
-        loss = masked_bce_with_logits(logits, batch["responses"], mask)
-        return loss, logits[mask], batch["responses"][mask]
+        return masked_bce_with_logits(logits, batch["responses"], batch["mask"]), logits
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
-        loss, logits, targets = self._shared_step(batch)
-        metrics.update(torch.sigmoid(logits.float()), targets)
-        n = int(batch["mask"].sum())  # weight the epoch mean by scored positions, not by rows
+        loss, logits = self._shared_step(batch)
+        mask = batch["mask"]
+        metrics.update(torch.sigmoid(logits[mask].float()), batch["responses"][mask])
+        n = int(mask.sum())  # weight the epoch mean by scored positions, not by rows
         # sync_dist: under DDP the epoch loss is reduced over processes once, at epoch end (ranks may differ in
         # their number of evaluation batches, which is fine for an epoch-end reduction).
         self.log(f"{stage}/loss", loss, batch_size=max(n, 1), sync_dist=True)
@@ -141,8 +151,10 @@ class SAKTModule(KTModule):
         model: SAKT,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
-        super().__init__(model, optimizer, lr_scheduler)
+        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend)
 
 
 class DKTModule(KTModule):
@@ -153,5 +165,7 @@ class DKTModule(KTModule):
         model: DKT,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
-        super().__init__(model, optimizer, lr_scheduler)
+        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend)

@@ -131,3 +131,16 @@ def test_module_predict_next_keeps_training_mode():
     module.train()
     p = module.predict_next([1, 2], [1, 0], [3, 4])
     assert module.training and p.shape == (2,)
+
+
+def test_compile_switch_compiles_in_place_with_the_same_outputs(tmp_path):
+    dm = KTDataModule(synthetic_students=60, max_len=20, batch_size=16)
+    eager = tiny_module(max_len=20).eval()
+    compiled = tiny_module(max_len=20, compile=True, compile_backend="aot_eager").eval()
+    compiled.load_state_dict(eager.state_dict())
+    t = trainer(max_epochs=1, default_root_dir=tmp_path)
+    t.test(compiled, dm, verbose=False)  # the trainer's set-up compiles the model
+    assert compiled.model._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+    b = next(iter(dm.test_dataloader()))
+    torch.testing.assert_close(compiled(b["exercises"], b["responses"]), eager(b["exercises"], b["responses"]))
