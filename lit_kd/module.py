@@ -102,6 +102,9 @@ class DistillationModule(L.LightningModule):
         teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits are read
             from it by ``batch["index"]`` instead of running the teacher (one teacher, no intermediate matches). It
             is checked against the teacher's weights here and against every batch's inputs.
+        compile: Compile the student's (and live teachers') forward with ``torch.compile`` when the trainer sets the
+            module up (``nn.Module.compile``: in place, so checkpoints keep their keys).
+        compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` only traces).
     """
 
     def __init__(
@@ -120,6 +123,8 @@ class DistillationModule(L.LightningModule):
         metric_task: Literal["multiclass", "binary"] = "multiclass",
         num_labels: int = 2,
         teacher_cache: str | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -237,6 +242,12 @@ class DistillationModule(L.LightningModule):
         for t in self.all_teachers():
             t.eval()
         return self
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for model in [self.student, *([] if self._cache is not None else self.all_teachers())]:
+                model.compile(backend=self.hparams.compile_backend)
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves metric states made under inference mode; fresh ones avoid that.

@@ -313,3 +313,21 @@ def test_bfloat16_teacher_and_projection_learning_rate():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.projections.parameters()}
     loss = module.eval().training_step(batches(1)[0], 0)
     assert torch.isfinite(loss) and loss.dtype == torch.float32
+
+
+def test_compile_switch_gives_the_same_loss(tmp_path):
+    teacher, student = bert(2, 8, 0).eval(), bert(2, 8, 1).eval()
+    b = batches(1)[0]
+    eager = DistillationModule(teacher, student, DistillationConfig(hard_label_weight=1.0), num_labels=3).eval()
+    expected = eager.training_step(b, 0)
+    compiled = DistillationModule(
+        teacher,
+        student,
+        DistillationConfig(hard_label_weight=1.0),
+        num_labels=3,
+        compile=True,
+        compile_backend="aot_eager",
+    ).eval()
+    compiled.configure_model()
+    assert student._compiled_call_impl is not None
+    torch.testing.assert_close(compiled.training_step(b, 0), expected, rtol=1e-5, atol=1e-6)
