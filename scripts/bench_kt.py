@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement before stopping")
     p.add_argument("--val-fraction", type=float, default=0.1, help="training students held out for model selection")
     p.add_argument("--eval-stride", type=int, default=None, help="stride of test windows (default: no overlap)")
+    p.add_argument("--group-by-length", action="store_true", help="batch training windows of similar lengths")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--accelerator", default="cpu")
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=a.batch_size,
         val_fraction=a.val_fraction,
         seed=a.seed,
+        group_by_length=a.group_by_length,
     )
     module = KTModule(build_model(a.model, data.num_exercises, a), optimizer=partial(torch.optim.Adam, lr=a.lr))
     meter = ThroughputMeter()
@@ -145,7 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         "best_epoch": best_epoch + 1,
         "val_auc": round(val_auc, 4),
         "test_rmse": round(test["test/rmse"], 4),
-        "settings": {k: getattr(a, k) for k in (*DEFAULTS[a.model], "patience", "val_fraction", "eval_stride", "seed")},
+        "settings": {
+            k: getattr(a, k)
+            for k in (*DEFAULTS[a.model], "patience", "val_fraction", "eval_stride", "group_by_length", "seed")
+        },
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {a.accelerator}",
     }
     print(json.dumps(result, indent=2))
