@@ -1,0 +1,338 @@
+"""Training and predict throughput of ``lit_kt``'s SAKT and DKT against pyKT's own classes, in one process.
+
+    python scripts/bench_vs_pykt.py --json /tmp/peers/pykt.json
+
+Needs ``pip install --no-deps pykt-toolkit`` plus ``pip install pandas scikit-learn`` (``pykt/__init__.py`` imports
+its data and evaluation code, which import them); without ``--no-deps`` pip also pulls wandb and friends.
+
+Both sides train on the *same batches* of ASSIST2009 windows (``--data-dir``/``--file``, cut by
+:class:`~lit_kt.KTDataset` into non-overlapping windows of ``--max-len`` interactions, windows of fewer than 3
+left out as pyKT's preprocessing does (``min_seq_len``), shuffled with ``--seed``,
+right-padded to ``--max-len`` by default so that every batch has the shape pyKT's own loader gives). The steps
+alternate, ours then pyKT's on the same batch, so that load from other jobs on the machine hits both alike; the first
+``--warmup`` steps of each side are left out.
+
+* Ours: ``lit_kt.SAKT`` / ``lit_kt.DKT`` ``forward(exercises, responses)`` -> (B, L) logits,
+  :func:`~lit_kt.masked_bce_with_logits` over the real positions, ``backward``, ``Adam.step``.
+* pyKT: ``pykt.models.sakt.SAKT`` / ``pykt.models.dkt.DKT`` fed through pyKT's own training path,
+  ``pykt.models.train_model.model_forward`` (SAKT ``forward(c, r, cshft)``; DKT ``forward(c, r)`` then the
+  ``one_hot(cshft)`` selection; BCE in float64 on the selected positions), ``backward``, ``Adam.step``. Its batch is
+  the dict pyKT's ``KTDataset`` returns for the same window: 0-based concept ids, the sequence and its shift by one
+  (so it scores positions 1..n-1 of each window; ours also scores position 0 from a start token).
+
+Model settings follow pyKT's shipped ``configs/kt_config.json`` (SAKT ``emb_size`` 256, 8 heads, ``num_en`` 1,
+dropout 0.2; DKT ``emb_size`` 200, dropout 0.1; ``seq_len`` 200, Adam lr 1e-3) except the batch: 64 instead of 256
+so that the run takes a few minutes on a small CPU (``--batch-size 256`` gives pyKT's). Our models get the same
+widths, heads, blocks, dropout and length (``max_len`` = pyKT's ``seq_len``).
+
+Predict throughput: ``eval()`` forward under ``torch.no_grad`` returning probabilities (ours: ``sigmoid`` of the
+logits, as ``KTModule.predict_step``; pyKT's models return probabilities), same batches, alternated too.
+
+Options beyond the default like-for-like run (same windows on both sides whatever they are):
+
+* ``--pad ours_longest --batching bucketed``: the two *pipelines* rather than the two models. Our ``collate_kt``
+  pads a batch to its longest window, pyKT's loader always to ``seq_len``; with windows of similar length per batch
+  (bucketed), our side then skips most of the padding (ASSIST2009 windows hold about 74 of 200 interactions).
+* ``--pad longest``: both sides padded to the batch's longest window (same shapes).
+* ``--flush-denormal``: ``torch.set_flush_denormal(True)`` for the process (both sides). Our DKT's LSTM backward
+  meets denormal floats that pyKT's does not (measured on the 2-core development machine: the LSTM backward of a
+  default batch took 0.28 s, and 0.14 s with flushing); pyKT's time does not change.
+
+Everything runs once per ``--threads`` entry (``1`` = ``torch.set_num_threads(1)``, ``0`` = torch's default).
+Prints and writes (``--json``) per thread setting and model: mean and median seconds per step for each side,
+non-padded interactions per second (the batch's real interactions over the mean step time, the same count for both
+sides) and ``speedup`` = pyKT seconds per step / ours. The top-level ``sakt_speedup``, ``dkt_speedup`` and
+``sakt_predict_speedup`` are those of the first ``--threads`` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lit_kt import DKT, SAKT, KTDataset, collate_kt, masked_bce_with_logits, read_three_line
+
+INSTALL_HINT = "pip install --no-deps pykt-toolkit && pip install pandas scikit-learn"
+MIN_WINDOW = 3  # pyKT's min_seq_len: its preprocessing drops shorter sequences and remainders
+
+
+def import_pykt():
+    """pyKT's SAKT, DKT and training forward, or a clear message saying what to install."""
+    try:
+        from pykt.models.dkt import DKT as PyKTDKT
+        from pykt.models.sakt import SAKT as PyKTSAKT
+        from pykt.models.train_model import model_forward
+    except ImportError as err:
+        raise SystemExit(f"Could not import pyKT ({err}). Install it with: {INSTALL_HINT}") from err
+    return PyKTSAKT, PyKTDKT, model_forward
+
+
+def window_order(lengths: np.ndarray, a: argparse.Namespace) -> list[np.ndarray]:
+    """Window indices of each batch: random, or length-bucketed (sorted within chunks of 50 batches, then shuffled).
+
+    Windows shorter than ``MIN_WINDOW`` are left out, as pyKT's preprocessing drops them.
+    """
+    rng = np.random.default_rng(a.seed)
+    order = rng.permutation(np.flatnonzero(lengths >= MIN_WINDOW))
+    if a.batching == "bucketed":
+        chunk = 50 * a.batch_size
+        pieces = np.split(order, range(chunk, len(order), chunk))
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in pieces])
+    batches = [order[i : i + a.batch_size] for i in range(0, len(order) - a.batch_size + 1, a.batch_size)]
+    if a.batching == "bucketed":
+        rng.shuffle(batches)
+    needed = a.warmup + max(a.steps, a.predict_steps)
+    return [batches[i % len(batches)] for i in range(needed)]  # cycles if there are too few windows
+
+
+def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    batch = dict(batch)
+    for key in ("exercises", "responses", "mask"):
+        batch[key] = torch.nn.functional.pad(batch[key], (0, length - batch[key].shape[1]))
+    return batch
+
+
+def make_batches(a: argparse.Namespace) -> tuple[list[dict], list[dict], int]:
+    """Our batches and pyKT's for the same windows; also the number of exercise ids."""
+    sequences = read_three_line(Path(a.data_dir) / a.file)
+    num_exercises = max(int(s.exercises.max()) for s in sequences)
+    dataset = KTDataset(sequences, a.max_len)
+    lengths = np.array([w.end - w.start for w in dataset.windows])
+    ours, peer = [], []
+    for rows in window_order(lengths, a):
+        batch = collate_kt([dataset[int(i)] for i in rows])  # padded to its longest window
+        ours.append(pad_to(batch, a.max_len) if a.pad == "max_len" else batch)
+        peer.append(pykt_batch(batch if a.pad == "longest" else pad_to(batch, a.max_len)))
+    return ours, peer, num_exercises
+
+
+def pykt_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dict pyKT's ``KTDataset.__getitem__`` (collated) gives for these windows: 0-based ids, pad -1 masked to 0."""
+    real = batch["exercises"] > 0  # (B, L)
+    concepts = torch.where(real, batch["exercises"] - 1, -1)  # pyKT ids are 0-based, padding -1
+    responses = torch.where(real, batch["responses"], -1).float()  # pyKT keeps responses as FloatTensor
+    masks = real[:, :-1] & real[:, 1:]  # (B, L-1)
+    dcur = {"masks": masks, "smasks": masks.clone()}
+    for key, seqs in (("cseqs", concepts), ("rseqs", responses)):
+        dcur[key] = seqs[:, :-1] * masks
+        dcur["shft_" + key] = seqs[:, 1:] * masks
+    dcur["qseqs"], dcur["shft_qseqs"] = dcur["cseqs"], dcur["shft_cseqs"]  # ASSIST2009 as a concept-only dataset
+    dcur["tseqs"] = dcur["shft_tseqs"] = torch.empty(0)
+    return dcur
+
+
+def build_models(name: str, num_exercises: int, a: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    PyKTSAKT, PyKTDKT, _ = import_pykt()
+    torch.manual_seed(a.seed)
+    if name == "sakt":
+        ours = SAKT(num_exercises, a.sakt_d_model, a.sakt_heads, a.sakt_layers, a.max_len, a.sakt_dropout)
+        peer = PyKTSAKT(num_exercises, a.max_len, a.sakt_d_model, a.sakt_heads, a.sakt_dropout, num_en=a.sakt_layers)
+    else:
+        ours = DKT(num_exercises, hidden_size=a.dkt_hidden, embedding_dim=a.dkt_hidden, dropout=a.dkt_dropout)
+        peer = PyKTDKT(num_exercises, a.dkt_hidden, dropout=a.dkt_dropout)
+    return ours, peer
+
+
+def alternate(ours: Callable[[int], object], peer: Callable[[int], object], steps: int, warmup: int) -> dict:
+    """Run ``ours(i)`` then ``peer(i)`` for ``i`` in ``range(warmup + steps)``; seconds of the timed steps."""
+    times: dict[str, list[float]] = {"ours": [], "pykt": []}
+    for i in range(warmup + steps):
+        for side, step in (("ours", ours), ("pykt", peer)):
+            start = time.perf_counter()
+            step(i)
+            if i >= warmup:
+                times[side].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: dict[str, list[float]], interactions: float) -> dict:
+    out = {}
+    for side, seconds in times.items():
+        mean = statistics.fmean(seconds)
+        out[side] = {
+            "s_per_step": round(mean, 5),
+            "s_per_step_median": round(statistics.median(seconds), 5),
+            "interactions_per_s": round(interactions / mean),
+        }
+    out["speedup"] = round(out["pykt"]["s_per_step"] / out["ours"]["s_per_step"], 3)
+    out["speedup_median"] = round(out["pykt"]["s_per_step_median"] / out["ours"]["s_per_step_median"], 3)
+    return out
+
+
+def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises: int, a) -> dict:
+    _, _, model_forward = import_pykt()
+    ours, peer = build_models(name, num_exercises, a)
+    ours_opt = torch.optim.Adam(ours.parameters(), lr=a.lr)
+    peer_opt = torch.optim.Adam(peer.parameters(), lr=a.lr)
+
+    def ours_train(i: int) -> None:
+        b = ours_batches[i]
+        loss = masked_bce_with_logits(ours(b["exercises"], b["responses"]), b["responses"], b["mask"])
+        ours_opt.zero_grad()
+        loss.backward()
+        ours_opt.step()
+
+    def peer_train(i: int) -> None:
+        loss = model_forward(peer, peer_batches[i])  # pyKT's own forward + loss for its models
+        peer_opt.zero_grad()
+        loss.backward()
+        peer_opt.step()
+
+    def ours_predict(i: int) -> torch.Tensor:
+        b = ours_batches[i]
+        with torch.no_grad():
+            return torch.sigmoid(ours(b["exercises"], b["responses"]))
+
+    def peer_predict(i: int) -> torch.Tensor:
+        d = peer_batches[i]
+        with torch.no_grad():
+            if name == "sakt":
+                return peer(d["cseqs"].long(), d["rseqs"].long(), d["shft_cseqs"].long())
+            y = peer(d["cseqs"].long(), d["rseqs"].long())
+            return (y * torch.nn.functional.one_hot(d["shft_cseqs"].long(), peer.num_c)).sum(-1)
+
+    def interactions(steps: int) -> float:
+        timed = ours_batches[a.warmup : a.warmup + steps]
+        return statistics.fmean(float(b["mask"].sum()) for b in timed)
+
+    ours.train(), peer.train()
+    train = summarize(alternate(ours_train, peer_train, a.steps, a.warmup), interactions(a.steps))
+    ours.eval(), peer.eval()
+    predict = summarize(alternate(ours_predict, peer_predict, a.predict_steps, a.warmup), interactions(a.predict_steps))
+    return {"train": train, "predict": predict}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="/work/shared/data/kt/assist2009", help="folder of the three-line files")
+    p.add_argument("--file", default="train.csv", help="three-line file to cut into windows")
+    p.add_argument("--models", default="sakt,dkt", help="comma-separated subset of sakt,dkt")
+    p.add_argument("--max-len", type=int, default=200, help="window length = our max_len = pyKT's seq_len")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--pad",
+        choices=("max_len", "longest", "ours_longest"),
+        default="max_len",
+        help="max_len: both sides padded to --max-len (pyKT's loader always is); longest: both padded to the batch's "
+        "longest window; ours_longest: ours padded to the longest (what collate_kt does), pyKT's to --max-len",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("random", "bucketed"),
+        default="random",
+        help="random windows per batch, or windows of similar length (bucketed; only useful with a longest padding)",
+    )
+    p.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="torch.set_flush_denormal(True) for the whole process (both sides); see the docstring",
+    )
+    p.add_argument("--sakt-d-model", type=int, default=256, help="SAKT width (pyKT emb_size)")
+    p.add_argument("--sakt-heads", type=int, default=8)
+    p.add_argument("--sakt-layers", type=int, default=1, help="SAKT blocks (pyKT num_en)")
+    p.add_argument("--sakt-dropout", type=float, default=0.2)
+    p.add_argument("--dkt-hidden", type=int, default=200, help="DKT hidden and embedding width (pyKT emb_size)")
+    p.add_argument("--dkt-dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps of each side")
+    p.add_argument("--predict-steps", type=int, default=10, help="timed predict steps of each side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side before the timed ones")
+    p.add_argument("--threads", default="1,0", help="comma-separated torch thread counts to run; 0 = torch's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    a = p.parse_args(argv)
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not a.models or set(a.models) - {"sakt", "dkt"}:
+        p.error(f"Expected `--models` to be a comma-separated subset of sakt,dkt but got {','.join(a.models)!r}.")
+    a.threads = [int(t) for t in a.threads.split(",")]
+    for name in ("max_len", "batch_size", "steps", "predict_steps"):
+        if getattr(a, name) < 1:
+            p.error(f"Expected `--{name.replace('_', '-')}` to be >= 1 but got {getattr(a, name)}.")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    import_pykt()  # fail early, with the install command
+    if a.flush_denormal:
+        torch.set_flush_denormal(True)
+    default_threads = torch.get_num_threads()
+    start = time.perf_counter()
+    ours_batches, peer_batches, num_exercises = make_batches(a)
+    runs = {}
+    for threads in a.threads:
+        torch.set_num_threads(threads or default_threads)
+        key = f"threads_{torch.get_num_threads()}"
+        runs[key] = {name: bench_model(name, ours_batches, peer_batches, num_exercises, a) for name in a.models}
+        for name, r in runs[key].items():
+            print(
+                f"[{key}] {name}: train {r['train']['ours']['s_per_step']:.4f} s/step ours vs"
+                f" {r['train']['pykt']['s_per_step']:.4f} pyKT (x{r['train']['speedup']}); predict"
+                f" {r['predict']['ours']['s_per_step']:.4f} vs {r['predict']['pykt']['s_per_step']:.4f}"
+                f" (x{r['predict']['speedup']})",
+                flush=True,
+            )
+    first = runs[next(iter(runs))]
+    real = torch.cat([b["mask"].sum(1) for b in ours_batches]).float()
+    result = {
+        **{f"{m}_speedup": first[m]["train"]["speedup"] for m in a.models},
+        **{f"{m}_predict_speedup": first[m]["predict"]["speedup"] for m in a.models},
+        "runs": runs,
+        "dataset": f"{Path(a.data_dir).resolve().name}/{a.file}",
+        "num_exercises": num_exercises,
+        "mean_real_interactions_per_window": round(float(real.mean()), 1),
+        "mean_padded_length": {
+            "ours": round(statistics.fmean(b["exercises"].shape[1] for b in ours_batches), 1),
+            "pykt": round(statistics.fmean(b["cseqs"].shape[1] + 1 for b in peer_batches), 1),
+        },
+        "settings": {
+            k: getattr(a, k)
+            for k in (
+                "max_len",
+                "batch_size",
+                "pad",
+                "batching",
+                "flush_denormal",
+                "sakt_d_model",
+                "sakt_heads",
+                "sakt_layers",
+                "sakt_dropout",
+                "dkt_hidden",
+                "dkt_dropout",
+                "lr",
+                "steps",
+                "predict_steps",
+                "warmup",
+                "seed",
+            )
+        },
+        "pykt_version": _dist_version("pykt-toolkit"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+    }
+    print(json.dumps(result, indent=2))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
