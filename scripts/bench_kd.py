@@ -39,14 +39,13 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import platform
 import time
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from _bench import emit, machine
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -335,13 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
             **{k: getattr(a, k) for k in ("lr", "batch_size", "max_length", "warmup_fraction", "train_limit", "seed")},
             "threads": torch.get_num_threads(),
         },
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+        "machine": machine(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

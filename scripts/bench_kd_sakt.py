@@ -11,7 +11,6 @@ last epoch (no selection on any split). Prints and writes the AUCs, their means 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from functools import partial
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _bench import emit
 
 from lit_kd import DistillationConfig, DistillationModule, kt_adaptor
 from lit_kt import SAKT, KTDataModule, KTModule
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"teacher test AUC {teacher_auc:.4f}", flush=True)
     alone, distilled = [], []
     for seed in range(a.seeds):
+
         def student() -> SAKT:
             L.seed_everything(seed, verbose=False)
             return SAKT(data.num_exercises, d_model=a.student_d_model, num_heads=2, max_len=50, dropout=0.2)
@@ -88,11 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "settings": vars(a) | {"json": str(a.json) if a.json else None},
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ training steps (validation excluded); ``seconds`` is the whole run's wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from functools import partial
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _bench import emit, machine
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lit_kt import DKT, SAKT, KTDataModule, KTModule
@@ -151,13 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
             k: getattr(a, k)
             for k in (*DEFAULTS[a.model], "patience", "val_fraction", "eval_stride", "group_by_length", "seed")
         },
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {a.accelerator}",
+        "machine": machine(a.accelerator),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

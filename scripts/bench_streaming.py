@@ -11,15 +11,13 @@ one prediction over the full window) and, for comparison, a full forward over th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import emit, machine
 
 from lit_kt import SAKT, predict_next
 from lit_kt.streaming import SAKTStream
@@ -70,13 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
         "stream_step_p90_ms": round(float(np.percentile(stream_ms, 90)), 4),
         "full_forward_median_ms": round(statistics.median(full_ms), 4),
         "threads": a.threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+        "machine": machine(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -48,17 +48,14 @@ sides) and ``speedup`` = pyKT seconds per step / ours. The top-level ``sakt_spee
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import dist_version, emit, machine
 
 from lit_kt import DKT, SAKT, KTDataset, collate_kt, masked_bce_with_logits, read_three_line
 
@@ -316,22 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "seed",
             )
         },
-        "pykt_version": _dist_version("pykt-toolkit"),
+        "pykt_version": dist_version("pykt-toolkit"),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+        "machine": machine(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -51,20 +51,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import dist_version, emit, machine
 from transformers import AutoTokenizer
 
 from lit_kd import DistillationConfig, DistillationModule, IntermediateMatch
@@ -294,22 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
             "ours_teacher_dtype": a.teacher_dtype,
             "fused_adamw": a.fused_adamw,
         },
-        "textbrewer_version": _dist_version("textbrewer"),
+        "textbrewer_version": dist_version("textbrewer"),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, cpu",
+        "machine": machine(),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+    return emit(result, a.json)
 
 
 if __name__ == "__main__":
