@@ -8,6 +8,7 @@ from lit_kt.models import DKT, SAKT
 from lit_kt.module import DKTModule, KTModule, SAKTModule
 from lit_kt.streaming import SAKTStream
 from lit_kt.synthetic import SyntheticStudents, generate_students, roc_auc
+from lit_kt.writer import PredictionWriter
 
 __all__ = [
     "DKT",
@@ -18,6 +19,7 @@ __all__ = [
     "KTModule",
     "SAKT",
     "SAKTModule",
+    "PredictionWriter",
     "SAKTStream",
     "StudentSequence",
     "SyntheticStudents",

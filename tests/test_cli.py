@@ -83,3 +83,22 @@ def test_resuming_from_a_checkpoint_file_keeps_the_configured_optimizer(tmp_path
     optimizer = cli.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
     assert cli.trainer.current_epoch == 2
+
+
+def test_cli_predict_writes_one_row_per_test_interaction(tmp_path):
+    import csv
+
+    config = next(c for c in KT_CONFIGS if c.name == "sakt_synthetic.yaml")
+    common = ["--config", str(config), "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--data.synthetic_students", "40",
+              "--data.synthetic_seq_len", "23", "--data.max_len", "10", "--data.eval_stride", "4",
+              "--model.init_args.model.init_args.max_len", "10"]  # fmt: skip
+    build_cli(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    out = tmp_path / "pred.csv"
+    writer = f'{{"class_path": "lit_kt.writer.PredictionWriter", "init_args": {{"output_path": "{out}"}}}}'
+    build_cli(["predict", *common, "--ckpt_path", str(ckpt), "--trainer.callbacks+", writer])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 20 * 23  # 20 test students, every interaction once despite overlapping windows
+    assert {(r["sequence"], r["position"]) for r in rows} == {(str(s), str(p)) for s in range(20) for p in range(23)}
+    assert all(0.0 < float(r["probability"]) < 1.0 for r in rows)
