@@ -66,7 +66,7 @@ class EpochPrinter(L.Callback):
 
 def build_model(name: str, num_exercises: int, a: argparse.Namespace) -> torch.nn.Module:
     if name == "sakt":
-        return SAKT(num_exercises, a.d_model, a.num_heads, a.num_layers, a.max_len, a.dropout)
+        return SAKT(num_exercises, a.d_model, a.num_heads, a.num_layers, a.max_len, a.dropout, a.attention_dropout)
     return DKT(
         num_exercises, hidden_size=a.d_model, num_layers=a.num_layers, embedding_dim=a.d_model, dropout=a.dropout
     )
@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, help="SAKT heads")
     p.add_argument("--num-layers", type=int)
     p.add_argument("--dropout", type=float)
+    p.add_argument("--attention-dropout", type=float, default=None, help="SAKT attention dropout (default: --dropout)")
     p.add_argument("--lr", type=float)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement before stopping")
     p.add_argument("--val-fraction", type=float, default=0.1, help="training students held out for model selection")

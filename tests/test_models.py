@@ -117,3 +117,13 @@ def test_dkt_reads_the_predicted_exercise_logit():
     h, _ = model.lstm(torch.cat([model.start.expand(B, 1, -1), model.interaction_emb((ex + E * resp)[:, :-1])], dim=1))
     expected = (model.head(h)).gather(-1, ex.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(model(ex, resp), expected)
+
+
+def test_sakt_attention_dropout_is_its_own_setting():
+    ex, resp = batch()
+    only_attention = SAKT(E, d_model=16, num_heads=4, max_len=L, dropout=0.0, attention_dropout=0.5).train()
+    assert not torch.allclose(only_attention(ex, resp), only_attention(ex, resp))  # the attention draws masks
+    none = SAKT(E, d_model=16, num_heads=4, max_len=L, dropout=0.0, attention_dropout=0.0).train()
+    torch.testing.assert_close(none(ex, resp), none(ex, resp))
+    inherits = SAKT(E, d_model=16, num_heads=4, max_len=L, dropout=0.3)
+    assert inherits.blocks[0].attention_dropout == 0.3 and inherits.config["attention_dropout"] is None

@@ -29,13 +29,14 @@ class SAKTBlock(nn.Module):
     Args:
         d_model: Width of every embedding and hidden state.
         num_heads: Attention heads; must divide ``d_model``.
-        dropout: Dropout on the attention weights and after each sub-layer.
+        dropout: Dropout after each sub-layer.
+        attention_dropout: Dropout on the attention weights (``None``: ``dropout``).
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_heads: int, dropout: float, attention_dropout: float | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.dropout = dropout
+        self.attention_dropout = dropout if attention_dropout is None else attention_dropout
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
@@ -58,10 +59,10 @@ class SAKTBlock(nn.Module):
             scores = q @ k.transpose(-2, -1) / (D // H) ** 0.5  # (B, H, L, L)
             causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
             weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            attn = F.dropout(weights, self.dropout, self.training) @ v  # (B, H, L, D/H)
+            attn = F.dropout(weights, self.attention_dropout, self.training) @ v  # (B, H, L, D/H)
         else:
             attn = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+                q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True
             )  # (B, H, L, D/H)
         attn = self.out_proj(attn.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
         x = self.attn_norm(query + self.drop(attn))
@@ -79,6 +80,8 @@ class SAKT(nn.Module):
         num_layers: Attention blocks stacked (the paper uses 1).
         max_len: Longest sequence the position embedding covers.
         dropout: Dropout rate inside the blocks and on the embeddings.
+        attention_dropout: Dropout on the attention weights; ``None`` for ``dropout``. On CPU, 0 lets PyTorch use its
+            fused attention kernel and skips a (B, H, L, L) dropout mask: a large share of a training step.
 
     Example:
         >>> model = SAKT(num_exercises=50, d_model=32, num_heads=4, max_len=20)
@@ -95,6 +98,7 @@ class SAKT(nn.Module):
         num_layers: int = 1,
         max_len: int = 100,
         dropout: float = 0.2,
+        attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
         if num_exercises < 1:
@@ -110,6 +114,7 @@ class SAKT(nn.Module):
             num_layers=num_layers,
             max_len=max_len,
             dropout=dropout,
+            attention_dropout=attention_dropout,
         )
         self.num_exercises = num_exercises
         self.max_len = max_len
@@ -119,7 +124,9 @@ class SAKT(nn.Module):
         self.position_emb = nn.Embedding(max_len, d_model)
         self.start = nn.Parameter(torch.randn(d_model) * 0.02)
         self.emb_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(SAKTBlock(d_model, num_heads, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            SAKTBlock(d_model, num_heads, dropout, attention_dropout) for _ in range(num_layers)
+        )
         self.head = nn.Linear(d_model, 1)
 
     def forward(self, exercises: Tensor, responses: Tensor, return_attention: bool = False):
