@@ -12,7 +12,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.cli import ArgsType
 
-from lit_kt.cli import TestAfterFitCLI
+from lit_kt.cli import TestAfterFitCLI, release_process_group
 
 
 class KDCLI(TestAfterFitCLI):
@@ -36,6 +36,7 @@ def build_cli(args: ArgsType = None, run: bool = True, cli_class: type[KDCLI] = 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lit-kd``."""
     build_cli(args)
+    release_process_group()
 
 
 if __name__ == "__main__":

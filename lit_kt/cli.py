@@ -37,6 +37,7 @@ class TestAfterFitCLI(LightningCLI):
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         if self.trainer.is_global_zero and results:
             print(self.summary(results[0]))
+        self.trainer.strategy.barrier("test_after_fit")  # the processes leave together (see `main`)
 
     def summary(self, metrics: dict[str, float]) -> str:
         """The line printed after the test of ``--test_after_fit``."""
@@ -76,9 +77,23 @@ def build_cli(args: ArgsType = None, run: bool = True, cli_class: type[KTCLI] = 
     )
 
 
+def release_process_group() -> None:
+    """Destroy the process group Lightning created, if any, before the interpreter exits.
+
+    Lightning leaves the group alive after ``fit``/``test``; destroying it only at interpreter exit lets gloo's
+    background threads be torn down mid-flight, which can abort a process (``terminate called without an active
+    exception``) and leave ``torchrun`` waiting for it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lit-kt``."""
     build_cli(args)
+    release_process_group()
 
 
 if __name__ == "__main__":

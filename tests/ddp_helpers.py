@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
             kd_main(args.data, args.out / "kd", args.epochs)
         else:
             dkt_main(args.out / "dkt")
+    from lit_kt.cli import release_process_group
+
+    release_process_group()
 
 
 if __name__ == "__main__":
