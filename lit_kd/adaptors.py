@@ -12,10 +12,13 @@ How the module calls a model: with the batch's entries that the model's ``forwar
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -91,6 +94,17 @@ def is_transformers_model(model: nn.Module) -> bool:
     return any(
         cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__
     )
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a model alone: ``save_pretrained`` (a folder) for ``transformers`` models, else a state dict file."""
+    path = Path(path)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return path
 
 
 def call_model(

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd.students import resolve_name_or_path
 from lit_kt.data import distributed_eval_sampler
-from lit_kt.formats import FileFormatError
+from lit_kt.formats import FileFormatError, csv_rows
 
 __all__ = [
     "TextClassificationDataModule",
@@ -117,14 +117,7 @@ def read_labelled_text(
                 f" in the header but got columns {header}",
             )
         text_at, label_at = header.index(text_col), header.index(label_col)
-        rows = iter(reader)
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise TextFormatError(path, reader.line_num, f"Expected a well-formed row but got a CSV error: {e}")
+        for row in csv_rows(reader, path, TextFormatError):
             if not row:
                 continue
             line = reader.line_num

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_kd.adaptors import call_model, default_adaptor
+from lit_kd.adaptors import call_model, default_adaptor, save_model
 
 __all__ = ["ClassifierModule"]
 
@@ -120,13 +120,7 @@ class ClassifierModule(L.LightningModule):
         Returns:
             The path written.
         """
-        path = Path(path)
-        if hasattr(self.model, "save_pretrained"):
-            self.model.save_pretrained(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.model.state_dict(), path)
-        return path
+        return save_model(self.model, path)
 
     # ------------------------------------------------------------------ internals
     def _logits(self, batch: Any) -> tuple[Tensor, Tensor | None]:

@@ -58,10 +58,10 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of ``values`` where ``mask`` (broadcastable to ``values``) is True; 0 when nothing is valid."""
     if mask is None:
         return values.mean()
-    mask = mask.expand_as(values)
     # torch.where rather than a product: masked positions may hold inf, and inf * 0 = nan.
-    total = torch.where(mask, values, values.new_zeros(())).sum()
-    return total / mask.sum().clamp_min(1)
+    total = torch.where(mask.expand_as(values), values, values.new_zeros(())).sum()
+    # Under broadcasting each mask entry stands for numel(values) / numel(mask) values: count on the small mask.
+    return total / (mask.sum() * (values.numel() // max(mask.numel(), 1))).clamp_min(1)
 
 
 def _broadcast_temperature(temperature: float | Tensor, logits: Tensor, item_dims: int) -> float | Tensor:

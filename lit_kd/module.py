@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from lit_kd.adaptors import ModelView, call_model, default_adaptor, is_transformers_model
+from lit_kd.adaptors import ModelView, call_model, default_adaptor, is_transformers_model, save_model
 from lit_kd.cache import TeacherCache
 from lit_kd.config import DistillationConfig, IntermediateMatch
 from lit_kd.losses import shift_probability
@@ -307,13 +307,7 @@ class DistillationModule(L.LightningModule):
         Returns:
             The path written.
         """
-        path = Path(path)
-        if hasattr(self.student, "save_pretrained"):
-            self.student.save_pretrained(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.student.state_dict(), path)
-        return path
+        return save_model(self.student, path)
 
     # ------------------------------------------------------------------ internals
     @staticmethod

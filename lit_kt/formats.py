@@ -168,6 +168,19 @@ class FileFormatError(ValueError):
         return (type(self), (self.path, self.line, self.message))
 
 
+def csv_rows(reader, path: str | os.PathLike, error: type[FileFormatError] = FileFormatError):
+    """Yield the rows of a ``csv.reader``/``DictReader``, turning a ``csv.Error`` into ``error`` at its line."""
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise error(path, reader.line_num, f"Expected a well-formed CSV row but got a CSV error: {e}") from e
+        yield row
+
+
 class KTFormatError(FileFormatError):
     """Raised for malformed knowledge-tracing data (message ``"<path>:<line>: ..."``; see :class:`FileFormatError`)."""
 
@@ -388,14 +401,7 @@ def read_long_table(
                 )
             return str(raw).strip()
 
-        rows = iter(reader)
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                raise KTFormatError(path, reader.line_num, f"Expected a well-formed CSV row but got a CSV error: {e}")
+        for row in csv_rows(reader, path, KTFormatError):
             line = reader.line_num
 
             student = value(row, student_col, line, "a student id")
