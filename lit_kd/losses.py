@@ -59,7 +59,7 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return values.mean()
     # torch.where rather than a product: masked positions may hold inf, and inf * 0 = nan.
-    total = torch.where(mask.expand_as(values), values, values.new_zeros(())).sum()
+    total = torch.where(mask, values, 0.0).sum()  # broadcasts the mask without materialising its expansion
     # Under broadcasting each mask entry stands for numel(values) / numel(mask) values: count on the small mask.
     return total / (mask.sum() * (values.numel() // max(mask.numel(), 1))).clamp_min(1)
 
@@ -278,7 +278,7 @@ def hidden_mse(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
     """
     _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
     mask = _check_mask(mask, _shape(h_s)[:-1], "the hidden states without their feature dimension")
-    per_element = (h_s - h_t) ** 2  # (B, L, D)
+    per_element = F.mse_loss(h_s, h_t, reduction="none")  # (B, L, D); one fused kernel each way, unlike (h_s - h_t)**2
     return _masked_mean(per_element, None if mask is None else mask.unsqueeze(-1))
 
 
@@ -389,7 +389,7 @@ def attention_mse(
     if scores:
         a_s = a_s.masked_fill(a_s <= MASKED_SCORE_THRESHOLD, 0.0)
         a_t = a_t.masked_fill(a_t <= MASKED_SCORE_THRESHOLD, 0.0)
-    per_pair = (_reduce_heads(a_s, head_reduce) - _reduce_heads(a_t, head_reduce)) ** 2  # (B, H', L, L)
+    per_pair = F.mse_loss(_reduce_heads(a_s, head_reduce), _reduce_heads(a_t, head_reduce), reduction="none")
     if mask is None:
         return per_pair.mean()
     pairs = mask[:, :, None] & mask[:, None, :]  # (B, L, L): query i and key j both real

@@ -26,7 +26,9 @@ TextBrewer                     Lightning
 =============================  ====================================================================
 
 Teachers: frozen (``requires_grad_(False)``), kept in eval mode for the whole fit (also after validation), run under
-``torch.no_grad()``, never in the optimizer, optionally cast to bfloat16, and left out of checkpoints unless
+``torch.no_grad()`` before the student in each training step (their views keep only the hidden states and attention
+maps an intermediate match reads, ``None`` in place of the others, so the rest is freed before the student's forward),
+never in the optimizer, optionally cast to bfloat16, and left out of checkpoints unless
 ``save_teacher=True`` (they are rebuilt from their own weights when the module is constructed again).
 
 Several teachers: ``teacher`` is a list; their soft targets are averaged as logits (``teacher_reduce="logits"``) or
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,6 +159,15 @@ class DistillationModule(L.LightningModule):
             feature: any(m.feature == feature for m in self.config.intermediate_matches)
             for feature in ("hidden", "attention")
         }
+        self._teacher_layers = {
+            feature: frozenset(
+                i
+                for m in self.config.intermediate_matches
+                if m.feature == feature
+                for i in (m.layer_t if isinstance(m.layer_t, list) else [m.layer_t])
+            )
+            for feature in ("hidden", "attention")
+        }
         for model in [*self.all_teachers(), self.student]:
             if self._needs["attention"] and is_transformers_model(model):
                 # SDPA kernels return no attention maps: switch to eager attention only when a match needs them.
@@ -194,14 +206,21 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         task = self._task(batch)
+        self._check_task(task)
         s_batch, t_batch = self._part(batch, "student"), self._part(batch, "teacher")
-        s_view = self._view(self.student, s_batch, self.student_adaptors, task)
         if self._cache is not None:
+            s_view = self._view(self.student, s_batch, self.student_adaptors, task)
             logits_t = self._cache.lookup(self._index(batch), t_batch, like=s_view.logits)
             t_views = [ModelView(logits=logits_t)]
         else:
+            # Teachers first, keeping only the features a match reads: the other layers' hidden states and attention
+            # maps are freed before the student's forward instead of living through it (a smaller peak footprint).
             with torch.no_grad():
-                t_views = [self._view(t, t_batch, self.teacher_adaptors, task) for t in self.teachers[task]]
+                t_views = [
+                    self._matched_features(self._view(t, t_batch, self.teacher_adaptors, task))
+                    for t in self.teachers[task]
+                ]
+            s_view = self._view(self.student, s_batch, self.student_adaptors, task)
         if not self._checked_first_batch:
             self._check_views(s_view, t_views)
             self._checked_first_batch = True
@@ -334,11 +353,30 @@ class DistillationModule(L.LightningModule):
         adaptor = adaptors.get(task, adaptors.get(DEFAULT_TASK))
         return adaptor if adaptor is not None else default_adaptor
 
-    def _view(self, model: nn.Module, batch: Any, adaptors: dict, task: str) -> ModelView:
+    def _check_task(self, task: str) -> None:
         if task not in self.teachers:
             raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {task!r}.")
+
+    def _view(self, model: nn.Module, batch: Any, adaptors: dict, task: str) -> ModelView:
+        self._check_task(task)
         outputs = call_model(model, batch, self._needs["hidden"], self._needs["attention"])
         return self._adaptor(adaptors, task)(batch, outputs)
+
+    def _matched_features(self, view: ModelView) -> ModelView:
+        """``view`` with ``None`` in place of the teacher features no intermediate match reads (lengths kept)."""
+        if not is_dataclass(view):
+            return view
+
+        def keep(features: Any, layers: frozenset[int]) -> Any:
+            if not isinstance(features, (list, tuple)):
+                return features
+            return [f if i in layers else None for i, f in enumerate(features)]
+
+        return replace(
+            view,
+            hidden_states=keep(view.hidden_states, self._teacher_layers["hidden"]),
+            attentions=keep(view.attentions, self._teacher_layers["attention"]),
+        )
 
     def _progress(self) -> float:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
