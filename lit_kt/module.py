@@ -57,6 +57,11 @@ class KTModule(L.LightningModule):
             (``nn.Module.compile``: in place, so state-dict keys and checkpoints are unchanged).
         compile_backend: The ``torch.compile`` backend (``"inductor"`` generates kernels; ``"aot_eager"`` only traces,
             cheap to check).
+        flush_denormal: On CPU, treat denormal floats (magnitudes below ~1.2e-38) as zero while fitting
+            (``torch.set_flush_denormal``, switched on at fit start and off at fit end; it applies to the process's
+            calling thread and threads it starts afterwards). An LSTM's gradients decaying over long histories reach
+            that range, where CPUs compute an order of magnitude slower: DKT's backward on ASSIST2009 took about
+            1.8x as long without it. Values that small do not change a float32 update.
 
     Example:
         >>> module = KTModule(SAKT(num_exercises=110))
@@ -69,6 +74,7 @@ class KTModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        flush_denormal: bool = True,
     ) -> None:
         super().__init__()
         # Callables and modules do not belong in a checkpoint's hyperparameters; the model's spec does.
@@ -121,6 +127,12 @@ class KTModule(L.LightningModule):
         # validation (run under no_grad) cannot update in place; fresh states avoid that.
         self.val_metrics.reset()
         self.test_metrics.reset()
+        if self.hparams.flush_denormal and self.device.type == "cpu":
+            torch.set_flush_denormal(True)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.flush_denormal and self.device.type == "cpu":
+            torch.set_flush_denormal(False)
 
     def predict_next(
         self, exercises: Sequence[int], responses: Sequence[int], candidates: int | Sequence[int]
@@ -153,8 +165,9 @@ class SAKTModule(KTModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        flush_denormal: bool = True,
     ) -> None:
-        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend)
+        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend, flush_denormal)
 
 
 class DKTModule(KTModule):
@@ -167,5 +180,6 @@ class DKTModule(KTModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        flush_denormal: bool = True,
     ) -> None:
-        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend)
+        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend, flush_denormal)

@@ -34,9 +34,10 @@ Options beyond the default like-for-like run (same windows on both sides whateve
   pads a batch to its longest window, pyKT's loader always to ``seq_len``; with windows of similar length per batch
   (bucketed), our side then skips most of the padding (ASSIST2009 windows hold about 74 of 200 interactions).
 * ``--pad longest``: both sides padded to the batch's longest window (same shapes).
-* ``--flush-denormal``: ``torch.set_flush_denormal(True)`` for the process (both sides). Our DKT's LSTM backward
-  meets denormal floats that pyKT's does not (measured on the 2-core development machine: the LSTM backward of a
-  default batch took 0.28 s, and 0.14 s with flushing); pyKT's time does not change.
+* ``--no-flush-denormal``: leave denormal floats on. By default the process runs with
+  ``torch.set_flush_denormal(True)`` (both sides), as ``lit_kt.KTModule`` fits on CPU by default
+  (``flush_denormal=True``): DKT's LSTM gradients decay over long histories into denormal floats, which the CPU
+  processes far more slowly (our DKT backward meets more of them than pyKT's; pyKT's time hardly changes).
 
 Everything runs once per ``--threads`` entry (``1`` = ``torch.set_num_threads(1)``, ``0`` = torch's default).
 Prints and writes (``--json``) per thread setting and model: mean and median seconds per step for each side,
@@ -231,8 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--flush-denormal",
-        action="store_true",
-        help="torch.set_flush_denormal(True) for the whole process (both sides); see the docstring",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.set_flush_denormal(True) for the whole process, both sides (what lit_kt's KTModule does while "
+        "fitting on CPU by default); see the docstring",
     )
     p.add_argument("--sakt-d-model", type=int, default=256, help="SAKT width (pyKT emb_size)")
     p.add_argument("--sakt-heads", type=int, default=8)

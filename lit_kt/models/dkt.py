@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+LSTM_GROUPS = 4  # row groups of similar length the CPU path runs the LSTM on (measured: 1 -> 0.39 s, 4 -> 0.25 s)
+
 
 class DKT(nn.Module):
     """Deep Knowledge Tracing with an LSTM.
@@ -72,6 +74,20 @@ class DKT(nn.Module):
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
         x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
-        h, _ = self.lstm(x)  # (B, L, H)
-        all_logits = self.head(self.drop(h))  # (B, L, num_exercises + 1)
-        return all_logits.gather(-1, exercises.unsqueeze(-1)).squeeze(-1)  # (B, L)
+        if exercises.device.type == "cpu" and B > 1:
+            # CPU: run the LSTM on groups of rows of similar length, each cut to its longest row, so that it skips
+            # most of the trailing padding (needs the lengths on the host, which on an accelerator would
+            # synchronise every step; there the padded path runs). PyTorch's packed sequences would skip all of it,
+            # but their backward on CPU is far slower than this.
+            positions = torch.arange(L, device=exercises.device)  # (L,)
+            lengths = ((exercises > 0) * (positions + 1)).amax(dim=1)  # (B,) last real position + 1
+            h = x.new_zeros(B, L, self.lstm.hidden_size)  # (B, L, H)
+            for rows in torch.argsort(lengths, descending=True).tensor_split(min(B, LSTM_GROUPS)):
+                n = int(lengths[rows[0]])
+                if n > 0:
+                    h.index_put_((rows[:, None], positions[None, :n]), self.lstm(x[rows, :n])[0])
+        else:
+            h, _ = self.lstm(x)  # (B, L, H)
+        # Only the logit of the exercise at each position is needed: a row of the head each, not all of them.
+        weight = self.head.weight[exercises]  # (B, L, H)
+        return (self.drop(h) * weight).sum(dim=-1) + self.head.bias[exercises]  # (B, L)

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_kt.models.attention import causal_attention
+from lit_kt.models.dropout import FastDropout, fast_dropout
+
 
 class SAKTBlock(nn.Module):
     """One SAKT attention block: causal multi-head attention of exercises over interactions, then a feed-forward.
@@ -42,32 +45,60 @@ class SAKTBlock(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.attn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, d_model)
+            nn.Linear(d_model, d_model), nn.ReLU(), FastDropout(dropout), nn.Linear(d_model, d_model)
         )
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
 
-    def forward(self, query: Tensor, interactions: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Attend from ``query`` (B, L, D) to ``interactions`` (B, L, D); returns the output and, if asked, weights."""
+    def forward(
+        self, query: Tensor, interactions: Tensor, need_weights: bool = False, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` (B, L, D) to ``interactions`` (B, L, D); returns the output and, if asked, weights.
+
+        ``lengths`` (B,): positions from ``lengths[b]`` on are padding that no earlier position needs; the attention
+        may skip them (their outputs are then unspecified).
+        """
         B, L, D = query.shape
         H = self.num_heads
         q = self.q_proj(query).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
         k, v = self.kv_proj(interactions).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D/H)
         weights = None
         if need_weights:
-            # The explicit path exists only to expose the weights; training uses the fused kernel below.
-            scores = q @ k.transpose(-2, -1) / (D // H) ** 0.5  # (B, H, L, L)
-            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            attn = F.dropout(weights, self.attention_dropout, self.training) @ v  # (B, H, L, D/H)
+            # The explicit path exists only to expose the weights; training uses causal_attention's fast paths.
+            scores = (q * (D // H) ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
+            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+            weights = scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)  # (B, H, L, L)
+            attn = fast_dropout(weights, self.attention_dropout, self.training) @ v  # (B, H, L, D/H)
         else:
-            attn = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attention_dropout if self.training else 0.0, is_causal=True
-            )  # (B, H, L, D/H)
+            attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (B, H, L, D/H)
         attn = self.out_proj(attn.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
         x = self.attn_norm(query + self.drop(attn))
         x = self.ffn_norm(x + self.drop(self.ffn(x)))
         return x, weights
+
+    def forward_packed(self, query: Tensor, interactions: Tensor, real: Tensor, lengths: Tensor) -> Tensor:
+        """:meth:`forward` on the real positions only: the position-wise layers skip the padding.
+
+        Args:
+            query: (N, D) rows of the (B, L, D) query at the ``True`` entries of ``real``, in row-major order.
+            interactions: (N, D) the same for the interactions.
+            real: (B, L) bool, ``True`` at positions ``< lengths[b]``.
+            lengths: (B,) per row, one past its last real position.
+
+        Returns:
+            (N, D), the rows of :meth:`forward`'s output at the real positions.
+        """
+        B, L = real.shape
+        N, D = query.shape
+        H = self.num_heads
+        q = query.new_zeros(B, L, D).index_put_((real,), self.q_proj(query))  # (B, L, D)
+        kv = query.new_zeros(B, L, 2 * D).index_put_((real,), self.kv_proj(interactions))  # (B, L, 2D)
+        q = q.view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
+        k, v = kv.view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D/H)
+        attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (B, H, L, D/H)
+        attn = self.out_proj(attn.transpose(1, 2)[real].reshape(N, D))  # (N, D)
+        x = self.attn_norm(query + self.drop(attn))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))  # (N, D)
 
 
 class SAKT(nn.Module):
@@ -123,7 +154,7 @@ class SAKT(nn.Module):
         self.exercise_emb = nn.Embedding(num_exercises + 1, d_model, padding_idx=0)
         self.position_emb = nn.Embedding(max_len, d_model)
         self.start = nn.Parameter(torch.randn(d_model) * 0.02)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = FastDropout(dropout)
         self.blocks = nn.ModuleList(
             SAKTBlock(d_model, num_heads, dropout, attention_dropout) for _ in range(num_layers)
         )
@@ -146,13 +177,28 @@ class SAKT(nn.Module):
         if L > self.max_len:
             raise ValueError(f"Expected sequences of length <= max_len ({self.max_len}) but got length {L}.")
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
+        # Causal attention: nothing after a row's last real position can reach a real one, so it may be skipped.
+        positions = torch.arange(L, device=exercises.device)  # (L,)
+        lengths = ((exercises > 0) * (positions + 1)).amax(dim=1)  # (B,) last real position + 1
+        if exercises.device.type == "cpu" and not return_attention:
+            # CPU: run the position-wise layers on the real positions only (packing needs data-dependent shapes,
+            # which would synchronise an accelerator with the host every step; there the padded path runs).
+            real = positions < lengths[:, None]  # (B, L)
+            key_ids = F.pad(interactions[:, :-1], (1, 0))[real]  # (N,) key t holds interaction t - 1
+            key_pos = positions.expand(B, L)[real]  # (N,)
+            kv = torch.where((key_pos == 0)[:, None], self.start, self.interaction_emb(key_ids))  # (N, D)
+            kv = self.emb_drop(kv + self.position_emb(key_pos))
+            x = self.emb_drop(self.exercise_emb(exercises[real]))  # (N, D)
+            for block in self.blocks:
+                x = block.forward_packed(x, kv, real, lengths)
+            return x.new_zeros(B, L).index_put_((real,), self.head(x).squeeze(-1))  # (B, L), 0 at padding
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, D)
         kv = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, D)
         kv = self.emb_drop(kv + self.position_emb.weight[:L])
         x = self.emb_drop(self.exercise_emb(exercises))  # (B, L, D)
         weights = []
         for block in self.blocks:
-            x, w = block(x, kv, need_weights=return_attention)
+            x, w = block(x, kv, need_weights=return_attention, lengths=lengths)
             weights.append(w)
         logits = self.head(x).squeeze(-1)  # (B, L)
         return (logits, weights) if return_attention else logits

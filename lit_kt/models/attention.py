@@ -1,0 +1,129 @@
+"""Causal attention with dropout on the attention weights, fast on CPU.
+
+On CUDA, ``F.scaled_dot_product_attention`` applies attention dropout inside its fused kernels. On CPU its fused
+kernel has no dropout, so PyTorch falls back to a composite that writes and re-reads several (B, H, L, L) tensors
+(scores, weights, dropout mask, dropped weights) through main memory and keeps them for the backward pass; for
+SAKT those passes are most of a training step. :class:`ChunkedCausalAttention` computes the same thing a few
+(batch, head) slices at a time, so each slice's (L, L) tensors stay in the CPU cache, and, as FlashAttention does,
+keeps only ``q``, ``k``, ``v`` and the output for the backward pass, recomputing the weights there (the dropout
+masks come again from a generator seeded once per call). Memory for the backward pass is O(L) per head instead of
+O(L^2).
+
+Maths, per (batch, head) slice with ``q`` already scaled by ``1/sqrt(d)`` and ``M`` the dropout mask (0, or the
+kept scale ``1/(1-p)``): ``P = softmax(q k^T + causal)``, ``out = (P * M) v``. Backward: ``dV = (P*M)^T dOut``,
+``dP = (dOut v^T) * M``, ``dS = P * (dP - rowsum(dOut * out))``, ``dq = dS k``, ``dk = dS^T q``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_kt.models.dropout import dropout_mask, quantized_drop_probability
+
+CACHE_BYTES = 1 << 20  # per-chunk (L, L) working set that stays in a core's L2 cache
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _chunks(lengths: list[int], num_heads: int, element_bytes: int):
+    """``(b, h0, h1, n)`` pieces: heads ``h0:h1`` of sample ``b`` cut to its ``n`` real positions, cache-sized."""
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        step = max(1, min(num_heads, CACHE_BYTES // (n * n * element_bytes)))
+        for h0 in range(0, num_heads, step):
+            yield b, h0, min(h0 + step, num_heads), n
+
+
+def _weights(q: Tensor, k: Tensor) -> Tensor:
+    """Causal softmax attention weights of one piece: (C, n, D) x (C, n, D) -> (C, n, n)."""
+    n = q.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    return torch.matmul(q, k.transpose(1, 2)).masked_fill_(causal, float("-inf")).softmax(dim=-1)
+
+
+class ChunkedCausalAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T / sqrt(d) + causal)) v``, one cache-sized piece of one sample at a time.
+
+    Inputs ``q``, ``k``, ``v`` are (B, H, L, D); ``lengths`` the number of real (leading) positions of each sample:
+    positions at and after it are right padding, cut away (their outputs are 0; with right padding a real query never
+    attends to them); ``p`` the attention-dropout probability (the mask is
+    :func:`~lit_kt.models.dropout.dropout_mask`'s, drawn from a generator seeded with ``seed``, piece by piece).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lengths: list[int], p: float, seed: int) -> Tensor:
+        D = q.shape[-1]
+        q = (q * D**-0.5).contiguous()  # (B, H, L, D)
+        k, v = k.contiguous(), v.contiguous()
+        generator = _generator(seed, q.device)
+        out = torch.zeros_like(v)  # (B, H, L, D)
+        for b, h0, h1, n in _chunks(lengths, q.shape[1], q.element_size()):
+            weights = _weights(q[b, h0:h1, :n], k[b, h0:h1, :n])  # (C, n, n)
+            if p > 0:
+                weights.mul_(dropout_mask(weights.shape, p, weights.dtype, weights.device, generator))
+            out[b, h0:h1, :n] = torch.matmul(weights, v[b, h0:h1, :n])
+        ctx.save_for_backward(q, k, v, out)
+        ctx.lengths, ctx.p, ctx.seed = lengths, p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out = ctx.saved_tensors
+        D = q.shape[-1]
+        generator = _generator(ctx.seed, q.device)
+        row = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, H, L, 1) = rowsum(dP * P)
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, h0, h1, n in _chunks(ctx.lengths, q.shape[1], q.element_size()):
+            piece = (b, slice(h0, h1), slice(0, n))
+            weights = _weights(q[piece], k[piece])  # (C, n, n)
+            grad_dropped = torch.matmul(grad_out[piece], v[piece].transpose(1, 2))  # (C, n, n)
+            if ctx.p > 0:
+                mask = dropout_mask(weights.shape, ctx.p, weights.dtype, weights.device, generator)
+                grad_dropped.mul_(mask)
+                grad_v[piece] = torch.matmul((weights * mask).transpose(1, 2), grad_out[piece])
+            else:
+                grad_v[piece] = torch.matmul(weights.transpose(1, 2), grad_out[piece])
+            grad_scores = grad_dropped.sub_(row[piece]).mul_(weights)  # (C, n, n)
+            grad_q[piece] = torch.matmul(grad_scores, k[piece])
+            grad_k[piece] = torch.matmul(grad_scores.transpose(1, 2), q[piece])
+        grad_q.mul_(D**-0.5)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    lengths: Tensor | None = None,
+) -> Tensor:
+    """Causal multi-head attention with attention dropout, on the fastest path for the device.
+
+    Args:
+        q: (B, H, L, D) queries (not yet scaled).
+        k: (B, H, L, D) keys.
+        v: (B, H, L, D) values.
+        dropout_p: Dropout on the attention weights while ``training``.
+        training: Whether to drop.
+        lengths: (B,) real positions of each sample when rows are right-padded; the padded positions' outputs are
+            then unspecified (0 on the CPU dropout path, which skips them). ``None``: every position is real.
+
+    Returns:
+        (B, H, L, D): ``dropout(softmax(q k^T / sqrt(D) + causal)) v``. Without dropout, or on a non-CPU device,
+        this is ``F.scaled_dot_product_attention`` (its fused kernels); with dropout on CPU,
+        :class:`ChunkedCausalAttention`, whose drop probability is ``dropout_p`` rounded to a multiple of 1/65536.
+    """
+    if not training or q.device.type != "cpu" or quantized_drop_probability(dropout_p) in (0.0, 1.0):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
+    B, H, L, D = q.shape
+    lengths = [L] * B if lengths is None else lengths.tolist()  # CPU only: no device synchronisation
+    seed = int(torch.randint(0, 2**62, ()))  # from the global generator: torch.manual_seed rules
+    return ChunkedCausalAttention.apply(q, k, v, lengths, dropout_p, seed)
