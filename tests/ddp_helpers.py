@@ -316,6 +316,50 @@ def kd_main(data_dir: Path, out_dir: Path, epochs: int) -> None:
     trainer.test(module, parts["data"])
 
 
+def logits_only_config():
+    """The distillation config of the teacher-cache runs: soft and hard labels, no intermediate match."""
+    from lit_kd import DistillationConfig
+
+    return DistillationConfig(temperature=2.0, hard_label_weight=1.0)
+
+
+def build_teacher_cache(data_dir: Path, path: Path) -> None:
+    """The teacher's logits over the training split, by sample index (built once, in one process)."""
+    from lit_kd.cache import TeacherCache
+
+    parts = kd_parts(data_dir)
+    parts["data"].setup("fit")
+    TeacherCache.build(parts["teacher"], parts["data"].train_dataloader(), path, progress=False)
+
+
+def kd_logits_main(data_dir: Path, out_dir: Path, cache: Path | None) -> None:
+    """Distil logits only on 2 processes, with the live teacher (``cache=None``) or its cache; records the run."""
+    from lit_kd import DistillationModule
+
+    L.seed_everything(0)
+    parts = kd_parts(data_dir)
+    module = DistillationModule(
+        parts["teacher"],
+        parts["student"],
+        logits_only_config(),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        teacher_cache=None if cache is None else str(cache),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+        callbacks=[RecordRun(str(out_dir / "record"))],
+    )
+    trainer.fit(module, parts["data"])
+
+
 def dkt_main(out_dir: Path) -> None:
     """Train DKT on 2 processes (``Trainer(strategy="ddp")``) for one epoch; :class:`RecordRun` writes the results."""
     from lit_kt import DKT, DKTModule, KTDataModule
@@ -340,7 +384,10 @@ def dkt_main(out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("jobs", nargs="+", choices=["kd", "dkt"], help="runs, in order, in the same processes")
+    parser.add_argument(
+        "jobs", nargs="+", choices=["kd", "dkt", "kdlive", "kdcache"], help="runs, in order, in the same processes"
+    )
+    parser.add_argument("--cache", type=Path, help="teacher cache folder (kdcache)")
     parser.add_argument("--out", type=Path, required=True, help="each job writes to OUT/<job>")
     parser.add_argument("--data", type=Path, help="folder made by write_text_data (kd)")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs (kd)")
@@ -348,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     for job in args.jobs:
         if job == "kd":
             kd_main(args.data, args.out / "kd", args.epochs)
+        elif job in ("kdlive", "kdcache"):
+            kd_logits_main(args.data, args.out / job, args.cache if job == "kdcache" else None)
         else:
             dkt_main(args.out / "dkt")
     from lit_kt.cli import release_process_group

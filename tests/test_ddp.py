@@ -33,6 +33,7 @@ from tests.ddp_helpers import (
     KT_TEST_SIZE,
     KT_TRAIN_SIZE,
     KT_VAL_SIZE,
+    build_teacher_cache,
     free_port,
     helper_command,
     kd_parts,
@@ -279,3 +280,38 @@ def test_two_process_distillation_accuracy_equals_one_process(helper_runs):
     (one,) = evaluation_trainer().test(module, datamodule=parts["data"])
     assert ranks[0][0]["test_metrics"]["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
     assert ranks[1][0]["test_metrics"]["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def cache_runs(tmp_path_factory) -> Path:
+    """A teacher cache built in this process, then one torchrun launch of 2 processes distilling logits with the live
+    teacher and then from the cache."""
+    root = tmp_path_factory.mktemp("cache_runs")
+    write_text_data(root / "data")
+    build_teacher_cache(root / "data", root / "cache")
+    command = torchrun(
+        "--standalone", "--nproc-per-node", "2", str(Path(__file__).parent / "ddp_helpers.py"), "kdlive", "kdcache",
+        "--data", str(root / "data"), "--out", str(root / "out"), "--cache", str(root / "cache"),
+    )  # fmt: skip
+    run_all([command], cwd=root, timeout=TIMEOUT, log_dir=root / "logs")
+    return root
+
+
+@pytest.mark.ddp
+def test_cached_teacher_under_ddp_trains_like_the_live_teacher(cache_runs):
+    live = read_ranks(cache_runs / "out" / "kdlive" / "record", 2)
+    cached = read_ranks(cache_runs / "out" / "kdcache" / "record", 2)
+    steps = KD_TRAIN_SIZE // 4  # per epoch: 2 processes x batch 2
+    for epoch in range(2):
+        shards = [
+            {i for b in record["train_indices"][epoch * steps : (epoch + 1) * steps] for i in b} for record, _ in cached
+        ]
+        assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == KD_TRAIN_SIZE  # every sample, once
+    for (live_record, live_weights), (cached_record, cached_weights) in zip(live, cached):
+        # Each process reads the cache rows of its own shard of samples, by index.
+        assert cached_record["train_indices"] == live_record["train_indices"]
+        assert len(cached_record["losses"]) == 2 * KD_TRAIN_SIZE // 4
+        torch.testing.assert_close(cached_record["losses"], live_record["losses"], rtol=0, atol=1e-5)
+        for key, value in live_weights.items():
+            if key.startswith("student."):
+                torch.testing.assert_close(cached_weights[key], value, rtol=0, atol=1e-5)

@@ -111,8 +111,14 @@ class SAKT(nn.Module):
         num_layers: Attention blocks stacked (the paper uses 1).
         max_len: Longest sequence the position embedding covers.
         dropout: Dropout rate inside the blocks and on the embeddings.
-        attention_dropout: Dropout on the attention weights; ``None`` for ``dropout``. On CPU, 0 lets PyTorch use its
-            fused attention kernel and skips a (B, H, L, L) dropout mask: a large share of a training step.
+        attention_dropout: Dropout on the attention weights; ``None`` for ``dropout``.
+
+    Fast paths (same maths; tested against the plain path): on CPU the position-wise layers (embeddings, projections,
+    feed-forward, layer norms, head) run on the real positions only, and training with attention dropout uses
+    :class:`~lit_kt.models.attention.ChunkedCausalAttention`, which also skips each row's padding; elsewhere the
+    padded tensors go through ``F.scaled_dot_product_attention``. Dropout masks come from
+    :func:`~lit_kt.models.dropout.fast_dropout` (drop probability rounded to a multiple of 1/65536). Logits after a
+    row's last real position are 0 on the CPU path (unspecified in general).
 
     Example:
         >>> model = SAKT(num_exercises=50, d_model=32, num_heads=4, max_len=20)
