@@ -58,10 +58,11 @@ class KTModule(L.LightningModule):
         compile_backend: The ``torch.compile`` backend (``"inductor"`` generates kernels; ``"aot_eager"`` only traces,
             cheap to check).
         flush_denormal: On CPU, treat denormal floats (magnitudes below ~1.2e-38) as zero while fitting
-            (``torch.set_flush_denormal``, switched on at fit start and off at fit end; it applies to the process's
-            calling thread and threads it starts afterwards). An LSTM's gradients decaying over long histories reach
-            that range, where CPUs compute an order of magnitude slower: DKT's backward on ASSIST2009 took about
-            1.8x as long without it. Values that small do not change a float32 update.
+            (``torch.set_flush_denormal``, switched on at fit start and off at fit end; it sets the floating-point
+            mode of the thread running the fit, which intra-op worker threads need not share). An LSTM's gradients
+            decaying over long histories reach that range, where CPUs compute far more slowly: a DKT training step
+            on ASSIST2009 windows took about 1.7x as long without it (1 thread). Values that small do not change a
+            float32 update.
 
     Example:
         >>> module = KTModule(SAKT(num_exercises=110))

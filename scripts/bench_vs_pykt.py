@@ -14,6 +14,9 @@ alternate, ours then pyKT's on the same batch, so that load from other jobs on t
 
 * Ours: ``lit_kt.SAKT`` / ``lit_kt.DKT`` ``forward(exercises, responses)`` -> (B, L) logits,
   :func:`~lit_kt.masked_bce_with_logits` over the real positions, ``backward``, ``Adam.step``.
+  Given the same padded batch, our models skip the padding themselves on CPU (SAKT: position-wise layers on the
+  real positions, attention cut to each row's length; DKT: the LSTM on groups of similar-length rows), with the same
+  outputs at the real positions (``tests/test_kt_fast_paths.py``); that is part of what is measured.
 * pyKT: ``pykt.models.sakt.SAKT`` / ``pykt.models.dkt.DKT`` fed through pyKT's own training path,
   ``pykt.models.train_model.model_forward`` (SAKT ``forward(c, r, cshft)``; DKT ``forward(c, r)`` then the
   ``one_hot(cshft)`` selection; BCE in float64 on the selected positions), ``backward``, ``Adam.step``. Its batch is
