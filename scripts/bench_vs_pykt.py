@@ -266,9 +266,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    import_pykt()  # fail early, with the install command
     if a.flush_denormal:
+        # Before anything starts torch's intra-op thread pool: the flag is per thread, and pool threads created
+        # later inherit it (set after, it reaches the calling thread only).
         torch.set_flush_denormal(True)
+    import_pykt()  # fail early, with the install command
     default_threads = torch.get_num_threads()
     start = time.perf_counter()
     ours_batches, peer_batches, num_exercises = make_batches(a)
