@@ -91,10 +91,16 @@ class SAKTBlock(nn.Module):
         B, L = real.shape
         N, D = query.shape
         H = self.num_heads
-        q = query.new_zeros(B, L, D).index_put_((real,), self.q_proj(query))  # (B, L, D)
-        kv = query.new_zeros(B, L, 2 * D).index_put_((real,), self.kv_proj(interactions))  # (B, L, 2D)
-        q = q.view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
-        k, v = kv.view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D/H)
+
+        def heads(rows: Tensor) -> Tensor:  # (N, D) -> (B, H, L, D/H) view, 0 at padding
+            return rows.new_zeros(B, L, D).index_put_((real,), rows).view(B, L, H, D // H).transpose(1, 2)
+
+        q = heads(self.q_proj(query))  # (B, H, L, D/H)
+        # Keys and values from the two halves of kv_proj, each scattered on its own: splitting one (B, L, 2D)
+        # projection costs a copy each way.
+        weight, bias = self.kv_proj.weight, self.kv_proj.bias
+        k = heads(F.linear(interactions, weight[:D], bias[:D]))  # (B, H, L, D/H)
+        v = heads(F.linear(interactions, weight[D:], bias[D:]))  # (B, H, L, D/H)
         attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (B, H, L, D/H)
         attn = self.out_proj(attn.transpose(1, 2)[real].reshape(N, D))  # (N, D)
         x = self.attn_norm(query + self.drop(attn))
