@@ -102,9 +102,10 @@ class DistillationModule(L.LightningModule):
         metric_task: Validation/test metrics of the student: ``"multiclass"`` (accuracy) or ``"binary"`` (AUROC
             and accuracy of sigmoid outputs, e.g. knowledge tracing).
         num_labels: Classes for ``"multiclass"`` metrics.
-        teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits are read
-            from it by ``batch["index"]`` instead of running the teacher (one teacher, no intermediate matches). It
-            is checked against the teacher's weights here and against every batch's inputs.
+        teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits (full or
+            top-k) and the hidden states the matches read are taken from it by ``batch["index"]`` instead of running
+            the teacher (one teacher; hidden-state matches need their teacher layers cached; no attention matches).
+            It is checked against the teacher's weights and the config here and against every batch's inputs.
         compile: Compile the student's (and live teachers') forward with ``torch.compile`` when the trainer sets the
             module up (``nn.Module.compile``: in place, so checkpoints keep their keys).
         compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` only traces).
@@ -180,17 +181,13 @@ class DistillationModule(L.LightningModule):
         self._checked_first_batch = False
         self._cache = None
         if teacher_cache is not None:
-            if self.config.intermediate_matches:
-                raise ValueError(
-                    "Expected no `intermediate_matches` with `teacher_cache` (the cache holds logits only) but got "
-                    f"{len(self.config.intermediate_matches)}."
-                )
             if len(self.all_teachers()) != 1:
                 raise ValueError(
                     f"Expected one teacher with `teacher_cache` but got {len(self.all_teachers())}; cache the "
                     "ensemble's combined logits with one wrapper model instead."
                 )
             self._cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0])
+            self._check_cache_covers_config(self._cache)
         if metric_task == "multiclass":
             metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
         else:
@@ -210,8 +207,7 @@ class DistillationModule(L.LightningModule):
         s_batch, t_batch = self._part(batch, "student"), self._part(batch, "teacher")
         if self._cache is not None:
             s_view = self._view(self.student, s_batch, self.student_adaptors, task)
-            logits_t = self._cache.lookup(self._index(batch), t_batch, like=s_view.logits)
-            t_views = [ModelView(logits=logits_t)]
+            t_views = [self._cached_view(self._index(batch), t_batch, s_view)]
         else:
             # Teachers first, keeping only the features a match reads: the other layers' hidden states and attention
             # maps are freed before the student's forward instead of living through it (a smaller peak footprint).
@@ -361,6 +357,40 @@ class DistillationModule(L.LightningModule):
         self._check_task(task)
         outputs = call_model(model, batch, self._needs["hidden"], self._needs["attention"])
         return self._adaptor(adaptors, task)(batch, outputs)
+
+    def _check_cache_covers_config(self, cache: TeacherCache) -> None:
+        """Refuse a config that needs teacher outputs the cache does not hold."""
+        matches = self.config.intermediate_matches
+        if any(m.feature == "attention" for m in matches):
+            raise ValueError(
+                "Expected no attention matches with `teacher_cache` (the cache holds logits and hidden states, not "
+                "attention maps) but the config has some."
+            )
+        missing = sorted(self._teacher_layers["hidden"] - set(cache.hidden_layers))
+        if missing:
+            raise ValueError(
+                f"Expected the teacher cache in {cache.path} to hold the hidden states the matches read (layers "
+                f"{sorted(self._teacher_layers['hidden'])}) but it lacks {missing}; build it with "
+                f"`TeacherCache.build(..., hidden_layers={sorted(self._teacher_layers['hidden'])})`."
+            )
+        if cache.top_k is not None and self.config.kd_loss_type == "bce":
+            raise ValueError(
+                f"Expected full logits in the teacher cache for `kd_loss_type='bce'` but {cache.path} holds top-"
+                f"{cache.top_k} logits (top-k needs a class dimension); rebuild it with top_k=None."
+            )
+
+    def _cached_view(self, index: Tensor, t_batch: Any, s_view: ModelView) -> ModelView:
+        """The teacher's view of a batch from the cache: logits, and the hidden states the matches read."""
+        logits = self._cache.lookup(index, t_batch, like=s_view.logits)  # also checks the inputs
+        layers = self._teacher_layers["hidden"]
+        if not layers:
+            return ModelView(logits=logits)
+        like = s_view.hidden_states[0] if s_view.hidden_states else s_view.logits
+        hidden = [
+            self._cache.hidden_state(index, i, like) if i in layers else None
+            for i in range(self._cache.num_hidden_states or 0)
+        ]
+        return ModelView(logits=logits, hidden_states=hidden)
 
     def _matched_features(self, view: ModelView) -> ModelView:
         """``view`` with ``None`` in place of the teacher features no intermediate match reads (lengths kept)."""

@@ -27,10 +27,11 @@ the first ``--warmup`` rounds left out:
 * ``student_step``: the plain student (eager attention), forward with labels (cross-entropy), backward, AdamW step;
 * ``teacher_forward``: the teacher (eager attention), forward under ``torch.no_grad``;
 * ``ours_cached``: ``DistillationModule(teacher_cache=...)`` reading the teacher's logits from a
-  :class:`~lit_kd.cache.TeacherCache` built beforehand for these batches. The cache holds logits only, so this is
-  KD on the logits *without* the intermediate matches: compare it with the plain student step, not with the live
-  runs. Its student uses SDPA attention (no attention maps are needed) and is compared with ``student_step_sdpa``,
-  the plain student with SDPA; ``teacher_forward_sdpa`` is timed too, for reference.
+  :class:`~lit_kd.cache.TeacherCache` built beforehand for these batches. This cache holds logits only (attention
+  maps cannot be cached), so this is KD on the logits *without* the intermediate matches: compare it with the plain
+  student step, not with the live runs. Its student uses SDPA attention (no attention maps are needed) and is
+  compared with ``student_step_sdpa``, the plain student with SDPA; ``teacher_forward_sdpa`` is timed too, for
+  reference.
 
 Prints and writes (``--json``) mean and median seconds per step of each, and the ratios (means):
 ``live_vs_textbrewer`` = ours_live / textbrewer_live; ``live_vs_floor`` = ours_live / (teacher_forward +

@@ -67,3 +67,80 @@ def test_knowledge_tracing_windows_of_different_lengths(tmp_path):
     cached = DistillationModule(teacher, student, config, teacher_cache=str(tmp_path / "kt"), **kw).eval()
     for b in dm.train_dataloader():
         torch.testing.assert_close(cached.training_step(b, 0), live.training_step(b, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_logits_keep_the_top_probabilities_and_share_the_rest():
+    from lit_kd.cache import topk_to_logits
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0, 0.5]])  # C = 5
+    top = logits.topk(2, dim=-1)
+    rebuilt = topk_to_logits(top.values, top.indices, logits.logsumexp(-1), 5)
+    p, q = logits.softmax(-1)[0], rebuilt.softmax(-1)[0]
+    torch.testing.assert_close(q[[0, 2]], p[[0, 2]])  # the two largest: exact
+    rest = (1 - p[0] - p[2]) / 3  # by hand: the other three share what is left
+    torch.testing.assert_close(q[[1, 3, 4]], torch.full((3,), rest.item()))
+
+
+def test_cache_with_top_k_and_hidden_states_gives_the_live_loss(tmp_path):
+    from lit_kd import IntermediateMatch
+
+    teacher, student = bert(4, 16, 0).eval(), bert(2, 8, 1).eval()
+    data = batches(4)
+    TeacherCache.build(
+        teacher, DataLoader(data, batch_size=None), tmp_path / "cache", progress=False, top_k=2, hidden_layers=[2, 4]
+    )
+    meta = json.loads((tmp_path / "cache/meta.json").read_text())
+    assert (meta["top_k"], meta["hidden_layers"], meta["num_hidden_states"]) == (2, [2, 4], 5)
+    assert not (tmp_path / "cache/logits.npy").exists()
+    config = DistillationConfig(
+        temperature=2.0,
+        hard_label_weight=0.5,
+        intermediate_matches=[IntermediateMatch(layer_t=4, layer_s=2, projection=("linear", 8, 16))],
+    )
+    live = DistillationModule(teacher, student, config, num_labels=3).eval()
+    cached = DistillationModule(teacher, student, config, num_labels=3, teacher_cache=str(tmp_path / "cache"))
+    cached.projections.load_state_dict(live.projections.state_dict())
+    cached.eval()
+    for b in data:
+        live_terms = live.loss_terms(*_views(live, b), 0.0)
+        cached_terms = cached.loss_terms(*_views(cached, b), 0.0)
+        # Hidden states and the hard loss are cached exactly; with 3 classes and top-2, the KD term is exact too:
+        # the one class left gets all the remaining probability.
+        for name in live_terms:
+            torch.testing.assert_close(cached_terms[name][0], live_terms[name][0], rtol=1e-5, atol=1e-6)
+
+
+def _views(module, batch):
+    """The (student view, teacher views) that ``training_step`` builds for ``batch``."""
+    s_view = module._view(module.student, batch, module.student_adaptors, "default")
+    if module._cache is not None:
+        return s_view, [module._cached_view(batch["index"], batch, s_view)]
+    with torch.no_grad():
+        t_views = [module._view(t, batch, module.teacher_adaptors, "default") for t in module.teachers["default"]]
+    return s_view, t_views
+
+
+def test_cache_refuses_configs_it_cannot_serve(tmp_path):
+    from lit_kd import IntermediateMatch
+
+    teacher, student = bert(4, 16, 0), bert(2, 8, 1)
+    data = batches(2)
+    TeacherCache.build(teacher, data, tmp_path / "c", progress=False, top_k=1, hidden_layers=[2])
+    hidden_4 = DistillationConfig(
+        intermediate_matches=[IntermediateMatch(layer_t=4, layer_s=2, projection=("linear", 8, 16))]
+    )
+    with pytest.raises(ValueError, match=r"lacks \[4\].*hidden_layers=\[4\]"):
+        DistillationModule(teacher, student, hidden_4, num_labels=3, teacher_cache=str(tmp_path / "c"))
+    attention = DistillationConfig(
+        intermediate_matches=[IntermediateMatch(layer_t=1, layer_s=1, feature="attention", loss="attention_mse")]
+    )
+    with pytest.raises(ValueError, match="no attention matches"):
+        DistillationModule(teacher, student, attention, num_labels=3, teacher_cache=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="for `kd_loss_type='bce'`"):
+        DistillationModule(
+            teacher, student, DistillationConfig(kd_loss_type="bce"), num_labels=3, teacher_cache=str(tmp_path / "c")
+        )
+    with pytest.raises(ValueError, match=r"`top_k` in \[1, 3\)"):
+        TeacherCache.build(teacher, data, tmp_path / "d", progress=False, top_k=3)
+    with pytest.raises(ValueError, match="index the teacher's 5 hidden states"):
+        TeacherCache.build(teacher, data, tmp_path / "e", progress=False, hidden_layers=[5])
