@@ -117,11 +117,12 @@ def causal_attention(
             then unspecified (0 on the CPU dropout path, which skips them). ``None``: every position is real.
 
     Returns:
-        (B, H, L, D): ``dropout(softmax(q k^T / sqrt(D) + causal)) v``. Without dropout, or on a non-CPU device,
-        this is ``F.scaled_dot_product_attention`` (its fused kernels); with dropout on CPU,
+        (B, H, L, D): ``dropout(softmax(q k^T / sqrt(D) + causal)) v``. Without dropout, on a non-CPU device or under
+        ``torch.compile``, this is ``F.scaled_dot_product_attention`` (its fused kernels); with dropout on CPU,
         :class:`ChunkedCausalAttention`, whose drop probability is ``dropout_p`` rounded to a multiple of 1/65536.
     """
-    if not training or q.device.type != "cpu" or quantized_drop_probability(dropout_p) in (0.0, 1.0):
+    fast = training and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not fast or quantized_drop_probability(dropout_p) in (0.0, 1.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
     B, H, L, D = q.shape
     lengths = [L] * B if lengths is None else lengths.tolist()  # CPU only: no device synchronisation

@@ -77,7 +77,7 @@ class DKT(nn.Module):
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
         x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
-        if exercises.device.type == "cpu" and B > 1:
+        if exercises.device.type == "cpu" and B > 1 and not torch.compiler.is_compiling():
             # CPU: run the LSTM on groups of rows of similar length, each cut to its longest row, so that it skips
             # most of the trailing padding (needs the lengths on the host, which on an accelerator would
             # synchronise every step; there the padded path runs). PyTorch's packed sequences would skip all of it,

@@ -121,10 +121,11 @@ class SAKT(nn.Module):
 
     Fast paths (same maths; tested against the plain path): on CPU the position-wise layers (embeddings, projections,
     feed-forward, layer norms, head) run on the real positions only, and training with attention dropout uses
-    :class:`~lit_kt.models.attention.ChunkedCausalAttention`, which also skips each row's padding; elsewhere the
-    padded tensors go through ``F.scaled_dot_product_attention``. Dropout masks come from
-    :func:`~lit_kt.models.dropout.fast_dropout` (drop probability rounded to a multiple of 1/65536). Logits after a
-    row's last real position are 0 on the CPU path (unspecified in general).
+    :class:`~lit_kt.models.attention.ChunkedCausalAttention`, which also skips each row's padding; elsewhere (other
+    devices, and under ``torch.compile``, whose graphs need static shapes) the padded tensors go through
+    ``F.scaled_dot_product_attention``. Dropout masks come from :func:`~lit_kt.models.dropout.fast_dropout` (drop
+    probability rounded to a multiple of 1/65536). Logits after a row's last real position are 0 on the CPU path
+    (unspecified in general).
 
     Example:
         >>> model = SAKT(num_exercises=50, d_model=32, num_heads=4, max_len=20)
@@ -192,9 +193,10 @@ class SAKT(nn.Module):
         # Causal attention: nothing after a row's last real position can reach a real one, so it may be skipped.
         positions = torch.arange(L, device=exercises.device)  # (L,)
         lengths = ((exercises > 0) * (positions + 1)).amax(dim=1)  # (B,) last real position + 1
-        if exercises.device.type == "cpu" and not return_attention:
+        if exercises.device.type == "cpu" and not return_attention and not torch.compiler.is_compiling():
             # CPU: run the position-wise layers on the real positions only (packing needs data-dependent shapes,
-            # which would synchronise an accelerator with the host every step; there the padded path runs).
+            # which would synchronise an accelerator with the host every step and break torch.compile's graphs;
+            # there the padded path runs).
             real = positions < lengths[:, None]  # (B, L)
             key_ids = F.pad(interactions[:, :-1], (1, 0))[real]  # (N,) key t holds interaction t - 1
             key_pos = positions.expand(B, L)[real]  # (N,)
