@@ -66,6 +66,12 @@ def topk_to_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_class
     return out.scatter_(-1, indices, values)
 
 
+def _max_shape(rows: dict[int, np.ndarray]) -> tuple[int, ...]:
+    """The smallest shape every row fits in (rows of a sequence output differ in length)."""
+    first = next(iter(rows.values()))
+    return tuple(max(r.shape[d] for r in rows.values()) for d in range(first.ndim))
+
+
 def _write_padded(path: Path, rows: dict[int, np.ndarray], shape: tuple[int, ...], dtype) -> None:
     """Rows ``0..N-1`` into a (N, *shape) ``.npy`` memory map, each right-padded with zeros."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(rows), *shape))
@@ -297,7 +303,7 @@ class TeacherCache:
         missing = sorted(set(range(n)) - set(rows))
         if missing:
             raise ValueError(f"Expected sample indices 0..{n - 1} but {missing[:5]} are missing.")
-        shape = tuple(max(r.shape[d] for r in rows.values()) for d in range(rows[0].ndim))
+        shape = _max_shape(rows)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for stale in [*path.glob("hidden_*.npy"), *(path / f for f in _LOGIT_FILES)]:
@@ -319,8 +325,7 @@ class TeacherCache:
             _write_padded(path / "logsumexp.npy", lse, shape[:-1], np.float32)
         for layer in hidden_layers:
             states = hidden_rows[layer]
-            hidden_shape = tuple(max(r.shape[d] for r in states.values()) for d in range(2))
-            _write_padded(path / f"hidden_{layer}.npy", states, hidden_shape, np.float32)
+            _write_padded(path / f"hidden_{layer}.npy", states, _max_shape(states), np.float32)
         hash_array = np.array([hashes[i] for i in range(n)], dtype=np.int64)
         np.save(path / "sample_hashes.npy", hash_array)
         meta = {

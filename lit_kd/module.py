@@ -156,10 +156,7 @@ class DistillationModule(L.LightningModule):
         self.projections = nn.ModuleDict(
             {m.name: _projection(*m.projection) for m in self.config.intermediate_matches if m.projection}
         )
-        self._needs = {
-            feature: any(m.feature == feature for m in self.config.intermediate_matches)
-            for feature in ("hidden", "attention")
-        }
+        # The teacher layers each feature's matches read; a feature with any is asked of both models.
         self._teacher_layers = {
             feature: frozenset(
                 i
@@ -169,6 +166,7 @@ class DistillationModule(L.LightningModule):
             )
             for feature in ("hidden", "attention")
         }
+        self._needs = {feature: bool(layers) for feature, layers in self._teacher_layers.items()}
         for model in [*self.all_teachers(), self.student]:
             if self._needs["attention"] and is_transformers_model(model):
                 # SDPA kernels return no attention maps: switch to eager attention only when a match needs them.
@@ -203,7 +201,6 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         task = self._task(batch)
-        self._check_task(task)
         s_batch, t_batch = self._part(batch, "student"), self._part(batch, "teacher")
         if self._cache is not None:
             s_view = self._view(self.student, s_batch, self.student_adaptors, task)
@@ -325,9 +322,12 @@ class DistillationModule(L.LightningModule):
         return save_model(self.student, path)
 
     # ------------------------------------------------------------------ internals
-    @staticmethod
-    def _task(batch: Any) -> str:
-        return batch.get("task", DEFAULT_TASK) if isinstance(batch, Mapping) else DEFAULT_TASK
+    def _task(self, batch: Any) -> str:
+        """The batch's task (``batch["task"]``, default ``"default"``), checked against the teachers' tasks."""
+        task = batch.get("task", DEFAULT_TASK) if isinstance(batch, Mapping) else DEFAULT_TASK
+        if task not in self.teachers:
+            raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {task!r}.")
+        return task
 
     @staticmethod
     def _index(batch: Any) -> Tensor:
@@ -349,12 +349,7 @@ class DistillationModule(L.LightningModule):
         adaptor = adaptors.get(task, adaptors.get(DEFAULT_TASK))
         return adaptor if adaptor is not None else default_adaptor
 
-    def _check_task(self, task: str) -> None:
-        if task not in self.teachers:
-            raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {task!r}.")
-
     def _view(self, model: nn.Module, batch: Any, adaptors: dict, task: str) -> ModelView:
-        self._check_task(task)
         outputs = call_model(model, batch, self._needs["hidden"], self._needs["attention"])
         return self._adaptor(adaptors, task)(batch, outputs)
 

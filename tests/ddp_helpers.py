@@ -291,6 +291,22 @@ def kd_parts(data_dir: Path) -> dict[str, Any]:
     }
 
 
+def ddp_trainer(out_dir: Path, max_epochs: int, callbacks: list[Callback] | None = None, **kwargs: Any) -> L.Trainer:
+    """A 2-process CPU ``Trainer(strategy="ddp")`` whose :class:`RecordRun` writes to ``out_dir/record``."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+        callbacks=[RecordRun(str(out_dir / "record")), *(callbacks or [])],
+        **kwargs,
+    )
+
+
 def kd_main(data_dir: Path, out_dir: Path, epochs: int) -> None:
     """Distil on 2 processes with ``Trainer(strategy="ddp")``, then test; :class:`RecordRun` writes the results."""
     from lit_kd import DistillationModule
@@ -300,17 +316,11 @@ def kd_main(data_dir: Path, out_dir: Path, epochs: int) -> None:
     module = DistillationModule(
         parts["teacher"], parts["student"], parts["config"], optimizer=partial(torch.optim.AdamW, lr=1e-3)
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
+    trainer = ddp_trainer(
+        out_dir,
+        epochs,
+        callbacks=[ModelCheckpoint(dirpath=out_dir / "checkpoints")],
         plugins=[CountingCheckpointIO()],
-        callbacks=[RecordRun(str(out_dir / "record")), ModelCheckpoint(dirpath=out_dir / "checkpoints")],
     )
     trainer.fit(module, parts["data"])
     trainer.test(module, parts["data"])
@@ -345,18 +355,7 @@ def kd_logits_main(data_dir: Path, out_dir: Path, cache: Path | None) -> None:
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
         teacher_cache=None if cache is None else str(cache),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-        callbacks=[RecordRun(str(out_dir / "record"))],
-    )
+    trainer = ddp_trainer(out_dir, 2, enable_checkpointing=False)
     trainer.fit(module, parts["data"])
 
 
@@ -367,18 +366,7 @@ def dkt_main(out_dir: Path) -> None:
     L.seed_everything(0)
     data = KTDataModule(**KT_DATA, batch_size=4)
     module = DKTModule(DKT(data.num_exercises, hidden_size=16, embedding_dim=16, dropout=0.0))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-        callbacks=[RecordRun(str(out_dir / "record"))],
-    )
+    trainer = ddp_trainer(out_dir, 1, enable_checkpointing=False)
     trainer.fit(module, data)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_kt.models.dropout import dropout_mask, quantized_drop_probability
+from lit_kt.models.padding import may_skip_padding
 
 CACHE_BYTES = 1 << 20  # per-chunk (L, L) working set that stays in a core's L2 cache
 
@@ -121,7 +122,7 @@ def causal_attention(
         ``torch.compile``, this is ``F.scaled_dot_product_attention`` (its fused kernels); with dropout on CPU,
         :class:`ChunkedCausalAttention`, whose drop probability is ``dropout_p`` rounded to a multiple of 1/65536.
     """
-    fast = training and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    fast = training and may_skip_padding(q)
     if not fast or quantized_drop_probability(dropout_p) in (0.0, 1.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)
     B, H, L, D = q.shape

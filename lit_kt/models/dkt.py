@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_kt.models.dropout import FastDropout
+from lit_kt.models.padding import may_skip_padding, row_lengths
 
 LSTM_GROUPS = 4  # row groups of similar length the CPU path runs the LSTM on (measured: 1 -> 0.39 s, 4 -> 0.25 s)
 
@@ -77,13 +78,12 @@ class DKT(nn.Module):
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
         x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
-        if exercises.device.type == "cpu" and B > 1 and not torch.compiler.is_compiling():
-            # CPU: run the LSTM on groups of rows of similar length, each cut to its longest row, so that it skips
-            # most of the trailing padding (needs the lengths on the host, which on an accelerator would
-            # synchronise every step; there the padded path runs). PyTorch's packed sequences would skip all of it,
-            # but their backward on CPU is far slower than this.
+        if B > 1 and may_skip_padding(exercises):
+            # Run the LSTM on groups of rows of similar length, each cut to its longest row, so that it skips most
+            # of the trailing padding (elsewhere the padded path runs). PyTorch's packed sequences would skip all of
+            # it, but their backward on CPU is far slower than this.
             positions = torch.arange(L, device=exercises.device)  # (L,)
-            lengths = ((exercises > 0) * (positions + 1)).amax(dim=1)  # (B,) last real position + 1
+            lengths = row_lengths(exercises)  # (B,) last real position + 1
             h = x.new_zeros(B, L, self.lstm.hidden_size)  # (B, L, H)
             for rows in torch.argsort(lengths, descending=True).tensor_split(min(B, LSTM_GROUPS)):
                 n = int(lengths[rows[0]])

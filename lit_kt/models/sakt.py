@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lit_kt.models.attention import causal_attention
 from lit_kt.models.dropout import FastDropout, fast_dropout
+from lit_kt.models.padding import may_skip_padding, row_lengths
 
 
 class SAKTBlock(nn.Module):
@@ -191,12 +192,10 @@ class SAKT(nn.Module):
             raise ValueError(f"Expected sequences of length <= max_len ({self.max_len}) but got length {L}.")
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
         # Causal attention: nothing after a row's last real position can reach a real one, so it may be skipped.
-        positions = torch.arange(L, device=exercises.device)  # (L,)
-        lengths = ((exercises > 0) * (positions + 1)).amax(dim=1)  # (B,) last real position + 1
-        if exercises.device.type == "cpu" and not return_attention and not torch.compiler.is_compiling():
-            # CPU: run the position-wise layers on the real positions only (packing needs data-dependent shapes,
-            # which would synchronise an accelerator with the host every step and break torch.compile's graphs;
-            # there the padded path runs).
+        lengths = row_lengths(exercises)  # (B,) last real position + 1
+        if may_skip_padding(exercises) and not return_attention:
+            # Run the position-wise layers on the real positions only (elsewhere the padded path runs).
+            positions = torch.arange(L, device=exercises.device)  # (L,)
             real = positions < lengths[:, None]  # (B, L)
             key_ids = F.pad(interactions[:, :-1], (1, 0))[real]  # (N,) key t holds interaction t - 1
             key_pos = positions.expand(B, L)[real]  # (N,)
