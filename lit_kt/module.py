@@ -60,8 +60,8 @@ class KTModule(L.LightningModule):
         flush_denormal: On CPU, treat denormal floats (magnitudes below ~1.2e-38) as zero while fitting
             (``torch.set_flush_denormal``, switched on at fit start and off at fit end; it sets the floating-point
             mode of the thread running the fit, which intra-op worker threads need not share). An LSTM's gradients
-            decaying over long histories reach that range, where CPUs compute far more slowly: a DKT training step
-            on ASSIST2009 windows took about 1.7x as long without it (1 thread). Values that small do not change a
+            decaying over long histories reach that range, where CPUs compute far more slowly: DKT's training step
+            on ASSIST2009 windows is markedly slower without it (docs/benchmarks.md). Values that small do not change a
             float32 update.
 
     Example:

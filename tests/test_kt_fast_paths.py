@@ -103,6 +103,14 @@ def test_chunked_attention_passes_gradcheck_and_equals_sdpa_without_dropout(monk
     )
 
 
+def test_attention_dropout_out_of_range_is_refused():
+    q = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"`dropout_p` in \[0, 1\] but got 1.5"):
+        causal_attention(q, q, q, 1.5, training=True)
+    with pytest.raises(ValueError, match=r"`attention_dropout` in \[0, 1\] but got -0.1"):
+        SAKT(5, d_model=4, num_heads=2, attention_dropout=-0.1)
+
+
 def test_causal_attention_is_sdpa_when_not_dropping_and_reproducible_when_dropping():
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 2, 7, 4) for _ in range(3))

@@ -122,6 +122,8 @@ def causal_attention(
         ``torch.compile``, this is ``F.scaled_dot_product_attention`` (its fused kernels); with dropout on CPU,
         :class:`ChunkedCausalAttention`, whose drop probability is ``dropout_p`` rounded to a multiple of 1/65536.
     """
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"Expected `dropout_p` in [0, 1] but got {dropout_p}.")
     fast = training and may_skip_padding(q)
     if not fast or quantized_drop_probability(dropout_p) in (0.0, 1.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=True)

@@ -41,6 +41,8 @@ class SAKTBlock(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attention_dropout = dropout if attention_dropout is None else attention_dropout
+        if not 0.0 <= self.attention_dropout <= 1.0:
+            raise ValueError(f"Expected `attention_dropout` in [0, 1] but got {self.attention_dropout}.")
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
