@@ -1,20 +1,28 @@
-"""Adaptors: how ``DistillationModule`` reads a model's outputs.
+"""Adaptors and model calls: how distillation feeds a model and reads its outputs.
 
-Contract: an adaptor is a callable ``adaptor(batch, outputs) -> ModelView``. ``batch`` is the part of the batch the
+Adaptor contract: ``adaptor(batch, outputs) -> ModelView`` (or a ``Mapping`` with ``ModelView``'s field names, so that
+code outside :mod:`lit_kd`, e.g. ``lit_kt.kt_adaptor``, needs no import of it). ``batch`` is the part of the batch the
 model was called with (for a batch with ``teacher``/``student`` parts, that model's part), ``outputs`` whatever the
 model returned. The view names what the losses need; fields a model does not provide stay ``None``. Parameterise an
-adaptor with ``functools.partial`` (it pickles, and LightningCLI accepts it as a callable).
+adaptor with ``functools.partial`` (it pickles, and LightningCLI accepts it as a callable), e.g.
+``partial(default_adaptor, labels_key="y", mask_key="attn")``.
 
-How the module calls a model: with the batch's entries that the model's ``forward`` accepts (by name), plus, for a
-``transformers`` model, ``output_hidden_states`` / ``output_attentions`` when a match needs them.
+How a model is called (:func:`call_model`): with ``inputs=None``, with the batch entries whose names are *named*
+parameters of its ``forward`` (never through ``**kwargs``: unknown keys are not passed); with a key map
+``{forward_parameter: batch_key}``, with exactly those entries; with a function, with what ``inputs(batch)`` returns
+(a dict: keyword arguments; a tuple or list: positional arguments; anything else: one positional argument). A
+``transformers`` model also receives ``output_hidden_states`` / ``output_attentions`` when a match needs them. When
+``forward`` cannot be called with what the batch offers, the error lists the batch's keys beside ``forward``'s
+parameters.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,8 @@ class ModelView:
         attention_scores: Whether ``attentions`` are raw scores (True) or probabilities (False, as ``transformers``).
         input_mask: (B, L) bool/0-1 mask of real tokens, used by the intermediate matches.
         losses: The model's own losses (e.g. ``outputs.loss``); summed as the hard-label loss when present.
+        features: Outputs of submodules named by dotted path (``{"encoder.layers.1": (B, L, D)}``), captured by
+            forward hooks for intermediate matches whose ``layer_t``/``layer_s`` is a module name.
     """
 
     logits: Tensor
@@ -45,9 +55,27 @@ class ModelView:
     attention_scores: bool = False
     input_mask: Tensor | None = None
     losses: list[Tensor] = field(default_factory=list)
+    features: dict[str, Tensor] | None = None
 
 
-Adaptor = Callable[[Any, Any], ModelView]
+Adaptor = Callable[[Any, Any], "ModelView | Mapping[str, Any]"]
+Inputs = Mapping[str, str] | Callable[[Any], Any] | None
+_VIEW_FIELDS = frozenset(f.name for f in fields(ModelView))
+
+
+def as_view(view: Any, who: str = "model") -> ModelView:
+    """An adaptor's result as a :class:`ModelView` (it may be one, or a mapping of its field names)."""
+    if isinstance(view, ModelView):
+        return view
+    if isinstance(view, Mapping):
+        unknown = sorted(set(view) - _VIEW_FIELDS)
+        if unknown or "logits" not in view:
+            raise ValueError(
+                f"Expected the {who}'s adaptor to return a ModelView or a mapping with `logits` and other ModelView "
+                f"fields ({', '.join(sorted(_VIEW_FIELDS))}) but got keys {sorted(view)}."
+            )
+        return ModelView(**view)
+    raise TypeError(f"Expected the {who}'s adaptor to return a ModelView or a mapping but got {type(view).__name__}.")
 
 
 def _get(outputs: Any, key: str) -> Any:
@@ -56,11 +84,13 @@ def _get(outputs: Any, key: str) -> Any:
     return getattr(outputs, key, None)
 
 
-def default_adaptor(batch: Mapping[str, Any], outputs: Any) -> ModelView:
+def default_adaptor(
+    batch: Mapping[str, Any], outputs: Any, labels_key: str = "labels", mask_key: str = "attention_mask"
+) -> ModelView:
     """Reads ``transformers`` outputs, dicts with the same keys, or a bare logits tensor.
 
-    ``logits``, ``hidden_states``, ``attentions`` and ``loss`` come from the outputs; ``labels`` and the input mask
-    (``attention_mask``) from the batch.
+    ``logits``, ``hidden_states``, ``attentions`` and ``loss`` come from the outputs; the labels and the input mask
+    from the batch, under ``labels_key`` and ``mask_key`` (bind other names with ``functools.partial``).
     """
     if isinstance(outputs, Tensor):
         logits, loss = outputs, None
@@ -71,22 +101,15 @@ def default_adaptor(batch: Mapping[str, Any], outputs: Any) -> ModelView:
                 f"Expected the model's outputs to have `logits` but got {type(outputs).__name__} without them; "
                 "pass a `teacher_adaptor`/`student_adaptor` that reads your model's outputs."
             )
+    is_map = isinstance(batch, Mapping)
     return ModelView(
         logits=logits,
-        labels=batch.get("labels") if isinstance(batch, Mapping) else None,
+        labels=batch.get(labels_key) if is_map else None,
         hidden_states=None if isinstance(outputs, Tensor) else _get(outputs, "hidden_states"),
         attentions=None if isinstance(outputs, Tensor) else _get(outputs, "attentions"),
-        input_mask=batch.get("attention_mask") if isinstance(batch, Mapping) else None,
+        input_mask=batch.get(mask_key) if is_map else None,
         losses=[loss] if loss is not None else [],
     )
-
-
-def kt_adaptor(batch: Mapping[str, Tensor], outputs: Tensor) -> ModelView:
-    """Knowledge tracing (:mod:`lit_kt` batches and models): (B, L) binary logits over the scored positions.
-
-    Use with ``kd_loss_type="bce"``: the teacher's soft targets are its probabilities of a correct answer.
-    """
-    return ModelView(logits=outputs, logits_mask=batch["mask"], labels=batch["responses"])
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -107,17 +130,113 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=256)
+def _class_signature(forward: Callable) -> inspect.Signature:
+    signature = inspect.signature(forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])  # without `self`
+
+
+def _signature(model: nn.Module) -> inspect.Signature:
+    """``model.forward``'s signature, cached per class (``inspect.signature`` costs more than a small step's maths)."""
+    forward = type(model).forward
+    if "forward" in vars(model) or not inspect.isfunction(forward):
+        return inspect.signature(model.forward)
+    return _class_signature(forward)
+
+
+def _describe(params: Mapping[str, inspect.Parameter]) -> str:
+    shown = []
+    for p in params.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            shown.append(f"**{p.name}")
+        elif p.kind is inspect.Parameter.VAR_POSITIONAL:
+            shown.append(f"*{p.name}")
+        else:
+            shown.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=")
+    return ", ".join(shown)
+
+
+def check_inputs(inputs: Inputs, name: str) -> None:
+    """Validate a ``teacher_inputs``/``student_inputs`` argument: ``None``, a key map of strings, or a callable."""
+    if inputs is None or callable(inputs):
+        return
+    if isinstance(inputs, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()):
+        return
+    raise ValueError(
+        f"Expected `{name}` to be None, a mapping {{forward_parameter: batch_key}} of strings or a callable "
+        f"`inputs(batch)` but got {inputs!r}."
+    )
+
+
+def model_arguments(model: nn.Module, batch: Any, inputs: Inputs = None, who: str = "model") -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``model`` is called with for ``batch`` (see the module docstring).
+
+    Raises:
+        KeyError: If a key map names a batch key the batch lacks (the message lists the batch's keys).
+        TypeError: If ``forward`` cannot be called with the arguments (the message lists the batch's keys and
+            ``forward``'s parameters).
+    """
+    keys = sorted(batch) if isinstance(batch, Mapping) else None
+    if callable(inputs):
+        made = inputs(batch)
+        if isinstance(made, Mapping):
+            args, kwargs = (), dict(made)
+        elif isinstance(made, (tuple, list)):
+            args, kwargs = tuple(made), {}
+        else:
+            args, kwargs = (made,), {}
+    elif inputs is not None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"Expected a dict batch for the {who}'s key map {dict(inputs)} but got {type(batch)}.")
+        missing = {param: key for param, key in inputs.items() if key not in batch}
+        if missing:
+            raise KeyError(
+                f"Expected the batch to hold {sorted(missing.values())} (the {who}'s inputs map {dict(inputs)}) but "
+                f"its keys are {keys}."
+            )
+        args, kwargs = (), {param: batch[key] for param, key in inputs.items()}
+    elif not isinstance(batch, Mapping):
+        args, kwargs = (batch,), {}
+    else:
+        params = _signature(model).parameters
+        named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        args, kwargs = (), {k: v for k, v in batch.items() if k in named}
+    signature = _signature(model)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        given = "the batch" if keys is None else f"the batch entries {sorted(kwargs)}"
+        raise TypeError(
+            f"Expected the {who}'s `{type(model).__name__}.forward({_describe(signature.parameters)})` "
+            f"to accept {given} but it does not ({e}); "
+            f"the batch's keys are {keys}. Map batch entries to `forward` parameters with "
+            f"`{who}_inputs={{parameter: batch_key}}` or a function `inputs(batch)`."
+        ) from None
+    return args, kwargs
+
+
 def call_model(
-    model: nn.Module, batch: Any, output_hidden_states: bool = False, output_attentions: bool = False
+    model: nn.Module,
+    batch: Any,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+    inputs: Inputs = None,
+    who: str = "model",
 ) -> Any:
-    """Call ``model`` with the entries of ``batch`` its ``forward`` accepts (or the batch itself if not a dict)."""
-    if not isinstance(batch, Mapping):
-        return model(batch)
-    params = inspect.signature(model.forward).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in batch.items() if k in params or (takes_any and k not in ("index", "task"))}
+    """Call ``model`` on ``batch`` (see the module docstring for which entries it receives).
+
+    Args:
+        model: The model.
+        batch: A dict of entries, or anything else (passed as the only argument).
+        output_hidden_states: Ask a ``transformers`` model for its hidden states.
+        output_attentions: Ask a ``transformers`` model for its attention maps.
+        inputs: ``None`` (entries by ``forward`` parameter name), a key map ``{parameter: batch_key}``, or a function
+            ``inputs(batch)`` returning keyword (dict) or positional (tuple/list) arguments.
+        who: Names the model in error messages (``"teacher"``, ``"student"``).
+    """
+    args, kwargs = model_arguments(model, batch, inputs, who)
     if is_transformers_model(model):
         kwargs["output_hidden_states"] = output_hidden_states
         kwargs["output_attentions"] = output_attentions
         kwargs.setdefault("return_dict", True)
-    return model(**kwargs)
+    return model(*args, **kwargs)

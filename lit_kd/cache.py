@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_kd.adaptors import call_model, default_adaptor
+from lit_kd.adaptors import as_view, call_model, default_adaptor
 
 _SKIP_KEYS = ("labels", "index", "task")
 _LOGIT_FILES = ("logits.npy", "topk_logits.npy", "topk_indices.npy", "logsumexp.npy")
@@ -275,7 +275,7 @@ class TeacherCache:
                 raise ValueError("Expected every batch to be a dict with an `index` entry (sample indices).")
             inputs = dict(batch[part]) if part else dict(batch)
             moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-            view = adaptor(moved, call_model(teacher, moved, output_hidden_states=bool(hidden_layers)))
+            view = as_view(adaptor(moved, call_model(teacher, moved, output_hidden_states=bool(hidden_layers))))
             logits = view.logits.float().cpu().numpy()
             if hidden_layers:
                 states = view.hidden_states or []

@@ -5,10 +5,33 @@ The total loss these describe (TextBrewer's, with an optional ``T**2`` factor):
     ``loss = w_kd(p) * [T**2] * kd_loss(z_s, z_t, T) + w_hl(p) * hard_label_loss + sum_m weight_m * match_loss_m``
 
 where ``p`` in [0, 1] is the training progress and ``w(p) = weight * schedule(p)``.
+
+User-defined losses: wherever a loss is named (``kd_loss_type``, ``hard_label_loss``, ``IntermediateMatch.loss``) a
+Python callable or, from YAML, a dotted import path (``mypkg.losses.focal``) is accepted. Signatures, checked when
+the config is built:
+
+* KD loss: ``fn(logits_s, logits_t, temperature, mask) -> Tensor`` (TextBrewer's ``fn(logits_S, logits_T,
+  temperature)`` also works when the logits carry no mask). ``logits_s``/``logits_t`` are the raw (untempered)
+  student and teacher logits, (N, C) or (B, L, C), float32. ``temperature`` is a tensor that broadcasts against the
+  logits: (N, 1) or (B, L, 1) (one temperature per sample or token; all equal unless ``temperature_scheduler`` is
+  ``"flsw"``/``"cwsm"``), so ``logits_s / temperature`` is always right, even when the batch size equals the class
+  count. ``mask`` is a bool tensor of the logits' shape without the class dimension, True where an item counts, or
+  ``None``. Return a scalar. ``scale_by_temperature_squared`` applies to the built-in losses only: a user loss does
+  its own scaling.
+* Hard-label loss: ``fn(logits, labels, mask) -> Tensor`` with the student's logits, the gold labels (the logits'
+  shape without the class dimension) and the same kind of mask (or ``None``); return a scalar.
+* Match loss: ``fn(feature_s, feature_t, mask) -> Tensor`` with the student's feature (after its projection, if
+  any) and the teacher's, float32, and ``mask`` the (B, L) bool mask of real tokens or ``None``; return a scalar.
+  User match losses relate one layer of each model.
+
+A user loss is logged under its function's name: ``train/kd/<name>``, ``train/hard/<name>`` (besides ``train/kd``,
+``train/hard``), and a match's default name ends in it.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +57,7 @@ MatchLoss = Literal[
 ]
 ProjectionKind = Literal["linear", "relu", "tanh"]
 KDLossType = Literal["ce", "kl", "mse", "bce"]
+HardLabelLoss = Literal["ce", "bce"]
 TemperatureScheduler = Literal["constant", "flsw", "cwsm"]
 WeightScheduler = Literal["constant", "linear_decay", "linear_growth"]
 
@@ -74,6 +98,82 @@ _KD_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def import_callable(path: str, name: str) -> Callable[..., Any]:
+    """The callable at a dotted import path (``mypkg.losses.focal``), with an error naming the argument."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"Expected `{name}`={path!r} to be an importable dotted path but {e}.") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"Expected `{name}`={path!r} to name a callable but {module_name} has no callable {attr!r}.")
+    return fn
+
+
+def loss_name(loss: str | Callable[..., Any]) -> str:
+    """A loss's name for logs: a built-in's name, the last part of a dotted path, or the callable's ``__name__``."""
+    if isinstance(loss, str):
+        return loss.rpartition(".")[2]
+    inner = loss.func if isinstance(loss, partial) else loss
+    return getattr(inner, "__name__", type(inner).__name__)
+
+
+def _accepts(fn: Callable[..., Any], n: int) -> bool | None:
+    """Whether ``fn`` can be called with ``n`` positional arguments (``None`` when its signature is unknown)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(n))
+    except TypeError:
+        return False
+    return True
+
+
+def resolve_loss(
+    value: Any, name: str, builtins: tuple[str, ...], params: tuple[str, ...], optional_last: bool = False
+) -> Callable[..., Any] | None:
+    """Check a loss argument: a built-in name (returns ``None``), a callable or a dotted import path (returns it).
+
+    Args:
+        value: What the user gave.
+        name: The argument's name, for errors.
+        builtins: The built-in loss names.
+        params: The positional arguments the loss is called with, for the signature check and the error.
+        optional_last: Whether a callable may also take one argument fewer (a KD loss without ``mask``).
+
+    Raises:
+        ValueError: For an unknown name, an unimportable path or a callable whose signature does not fit.
+    """
+    if isinstance(value, str) and value in builtins:
+        return None
+    if isinstance(value, str) and "." in value.strip(".") and " " not in value:
+        fn = import_callable(value, name)
+    elif callable(value) and not isinstance(value, str):
+        fn = value
+    else:
+        raise ValueError(
+            f"Expected `{name}` to be one of {_choices(builtins)}, a callable or a dotted import path "
+            f"(`mypkg.losses.fn`) but got {value!r}."
+        )
+    fits = _accepts(fn, len(params))
+    if fits is False and optional_last:
+        fits = _accepts(fn, len(params) - 1)
+    if fits is False:
+        shown = ", ".join(params[:-1]) + f"[, {params[-1]}]" if optional_last else ", ".join(params)
+        try:
+            actual = f"{loss_name(fn)}{inspect.signature(fn)}"
+        except (TypeError, ValueError):
+            actual = loss_name(fn)
+        raise ValueError(
+            f"Expected `{name}` to be callable as fn({shown}) -> Tensor but got {actual}; see lit_kd.config for the "
+            "arguments' meaning and shapes."
+        )
+    return fn
+
+
 def _choices(options: tuple[str, ...] | Any) -> str:
     return ", ".join(repr(o) for o in options)
 
@@ -111,12 +211,18 @@ class IntermediateMatch:
     * ``feature="attention"``: ``"attention_mse"`` (per head), ``"attention_mse_sum"`` / ``"attention_mse_mean"``
       (summed / averaged over heads first), ``"attention_ce"`` (per head), ``"attention_ce_mean"`` (averaged over
       heads first).
+    * Either feature: a callable ``fn(feature_s, feature_t, mask)`` or a dotted import path to one (see
+      :mod:`lit_kd.config`), relating one layer of each model.
+
+    A layer may also be a module's dotted name (``"bert.encoder.layer.5"`` in the teacher, ``"encoder.1"`` in the
+    student): the feature is then that submodule's output (its first element when it returns a tuple), captured by a
+    forward hook, for models that do not return ``hidden_states``.
 
     Attributes:
-        layer_t: Teacher layer index, or two indices for ``fsp``/``nst``/``mmd``.
-        layer_s: Student layer index, or two indices for ``fsp``/``nst``/``mmd``.
+        layer_t: Teacher layer index, or two indices for ``fsp``/``nst``/``mmd``, or a submodule's dotted name.
+        layer_s: Student layer index, or two indices for ``fsp``/``nst``/``mmd``, or a submodule's dotted name.
         feature: ``"hidden"`` (hidden states, (B, L, D)) or ``"attention"`` (attention maps, (B, H, L, L)).
-        loss: The match loss, one of those listed above; it must suit ``feature``.
+        loss: The match loss, one of those listed above (it must suit ``feature``), a callable or a dotted path.
         weight: Multiplies this match's loss in the total loss; >= 0.
         projection: ``(kind, dim_s, dim_t)`` with kind ``"linear"``, ``"relu"`` or ``"tanh"``: a trainable map from the
             student's width ``dim_s`` to the teacher's ``dim_t``, applied to the student's feature (both features for
@@ -126,19 +232,19 @@ class IntermediateMatch:
             written ``a-b``).
     """
 
-    layer_t: int | list[int]
-    layer_s: int | list[int]
+    layer_t: int | list[int] | str
+    layer_s: int | list[int] | str
     feature: Feature = "hidden"
-    loss: MatchLoss = "hidden_mse"
+    loss: MatchLoss | str | Callable[..., Tensor] = "hidden_mse"
     weight: float = 1.0
     projection: tuple[str, int, int] | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("feature", self.feature, Feature)
-        _check_choice("loss", self.loss, MatchLoss)
+        self._user_loss = resolve_loss(self.loss, "loss", get_args(MatchLoss), ("feature_s", "feature_t", "mask"))
         allowed = HIDDEN_LOSSES if self.feature == "hidden" else ATTENTION_LOSSES
-        if self.loss not in allowed:
+        if self._user_loss is None and self.loss not in allowed:
             raise ValueError(
                 f"Expected `loss` to be one of {_choices(allowed)} for `feature={self.feature!r}` but got "
                 f"{self.loss!r}."
@@ -149,23 +255,38 @@ class IntermediateMatch:
         if self.projection is not None:
             self.projection = self._checked_projection(self.projection)
         if self.name is None:
-            self.name = f"{self.feature}_{_layer_str(self.layer_s)}_{_layer_str(self.layer_t)}_{self.loss}"
+            self.name = f"{self.feature}_{_layer_str(self.layer_s)}_{_layer_str(self.layer_t)}_{loss_name(self.loss)}"
         elif not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Expected `name` to be a non-empty string or None but got {self.name!r}.")
 
     @property
     def two_layers(self) -> bool:
         """Whether the loss relates two layers of each model (``fsp``, ``nst``, ``mmd``)."""
-        return self.loss in TWO_LAYER_LOSSES
+        return isinstance(self.loss, str) and self.loss in TWO_LAYER_LOSSES
+
+    @property
+    def user_loss(self) -> Callable[..., Tensor] | None:
+        """The user's loss callable (``fn(feature_s, feature_t, mask)``), or ``None`` for a built-in loss."""
+        return self._user_loss
+
+    @property
+    def layers_t(self) -> list[int | str]:
+        """The teacher layers (indices or module names) this match reads."""
+        return self.layer_t if isinstance(self.layer_t, list) else [self.layer_t]
+
+    @property
+    def layers_s(self) -> list[int | str]:
+        """The student layers (indices or module names) this match reads."""
+        return self.layer_s if isinstance(self.layer_s, list) else [self.layer_s]
 
     def loss_fn(self) -> Callable[..., Tensor]:
-        """The loss function of :mod:`lit_kd.losses` this match uses, with ``head_reduce`` bound.
+        """The loss function this match uses: the user's, or :mod:`lit_kd.losses`' with ``head_reduce`` bound.
 
         Returns:
             ``fn(feature_s, feature_t, mask)`` for one-layer losses, ``fn(s_a, s_b, t_a, t_b, mask)`` for two-layer
-            ones; attention losses also take ``scores=`` (whether the maps are raw scores).
+            ones; built-in attention losses also take ``scores=`` (whether the maps are raw scores).
         """
-        return _MATCH_LOSS_FNS[self.loss]
+        return self._user_loss if self._user_loss is not None else _MATCH_LOSS_FNS[self.loss]
 
     def _checked_layer(self, name: str, value: Any) -> int | list[int]:
         if self.two_layers:
@@ -176,9 +297,12 @@ class IntermediateMatch:
             value = list(value)
             indices = value
         else:
+            if isinstance(value, str) and value.strip():
+                return value.strip()
             if not _is_index(value):
                 raise ValueError(
-                    f"Expected `{name}` to be a single layer index for `loss={self.loss!r}` but got {value!r}."
+                    f"Expected `{name}` to be a single layer index or a module's dotted name for "
+                    f"`loss={loss_name(self.loss)!r}` but got {value!r}."
                 )
             indices = [value]
         for index in indices:
@@ -219,12 +343,17 @@ class DistillationConfig:
         flsw_gamma: Focusing exponent ``gamma`` of ``"flsw"`` (TextBrewer's example value 2); >= 0.
         cwsm_beta: Spread ``beta`` of ``"cwsm"`` (TextBrewer's example value 1); >= 0.
         kd_loss_type: Logits loss: ``"ce"`` (soft cross-entropy, TextBrewer's default), ``"kl"``, ``"mse"`` (on
-            tempered logits) or ``"bce"`` (sigmoid outputs: binary or multi-label, e.g. knowledge tracing).
+            tempered logits) or ``"bce"`` (sigmoid outputs: binary or multi-label, e.g. knowledge tracing); or a
+            user loss ``fn(logits_s, logits_t, temperature, mask)`` (a callable or a dotted import path; see
+            :mod:`lit_kd.config`).
         kd_loss_weight: Weight of the logits loss; >= 0.
         kd_loss_weight_scheduler: Multiplies ``kd_loss_weight`` over training: ``"constant"``, ``"linear_decay"``
             (1 to 0) or ``"linear_growth"`` (0 to 1).
         hard_label_weight: Weight of the student's loss on the gold labels; >= 0 (0: pure distillation).
         hard_label_weight_scheduler: Multiplies ``hard_label_weight`` over training, as above.
+        hard_label_loss: The student's loss on the gold labels: ``None`` for the model's own loss when it reports one
+            (``outputs.loss``), else cross-entropy (binary cross-entropy with ``kd_loss_type="bce"``); ``"ce"``,
+            ``"bce"``, or a user loss ``fn(logits, labels, mask)`` (a callable or a dotted import path).
         scale_by_temperature_squared: Multiply the logits loss by ``T**2``. With soft targets at temperature ``T``
             the gradients scale as ``1 / T**2`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"),
             so the factor keeps the soft and hard terms balanced when ``T`` changes. TextBrewer does not scale; set
@@ -240,11 +369,12 @@ class DistillationConfig:
     flsw_beta: float = 1.0
     flsw_gamma: float = 2.0
     cwsm_beta: float = 1.0
-    kd_loss_type: KDLossType = "ce"
+    kd_loss_type: KDLossType | str | Callable[..., Tensor] = "ce"
     kd_loss_weight: float = 1.0
     kd_loss_weight_scheduler: WeightScheduler = "constant"
     hard_label_weight: float = 0.0
     hard_label_weight_scheduler: WeightScheduler = "constant"
+    hard_label_loss: HardLabelLoss | str | Callable[..., Tensor] | None = None
     scale_by_temperature_squared: bool = True
     probability_shift: bool = False
     intermediate_matches: list[IntermediateMatch] = field(default_factory=list)
@@ -255,7 +385,21 @@ class DistillationConfig:
         _check_choice("temperature_scheduler", self.temperature_scheduler, TemperatureScheduler)
         for name in ("flsw_beta", "flsw_gamma", "cwsm_beta", "kd_loss_weight", "hard_label_weight"):
             _check_non_negative(name, getattr(self, name))
-        _check_choice("kd_loss_type", self.kd_loss_type, KDLossType)
+        self._user_kd_loss = resolve_loss(
+            self.kd_loss_type,
+            "kd_loss_type",
+            get_args(KDLossType),
+            ("logits_s", "logits_t", "temperature", "mask"),
+            optional_last=True,
+        )
+        self._user_kd_takes_mask = self._user_kd_loss is not None and _accepts(self._user_kd_loss, 4) is not False
+        self._user_hard_loss = (
+            None
+            if self.hard_label_loss is None
+            else resolve_loss(
+                self.hard_label_loss, "hard_label_loss", get_args(HardLabelLoss), ("logits", "labels", "mask")
+            )
+        )
         _check_choice("kd_loss_weight_scheduler", self.kd_loss_weight_scheduler, WeightScheduler)
         _check_choice("hard_label_weight_scheduler", self.hard_label_weight_scheduler, WeightScheduler)
         if self.kd_loss_type == "bce" and self.temperature_scheduler != "constant":
@@ -279,9 +423,54 @@ class DistillationConfig:
                 "set `name` on the matches."
             )
 
+    @property
+    def binary(self) -> bool:
+        """Whether the logits are sigmoid outputs (``kd_loss_type="bce"``): no class dimension."""
+        return self.kd_loss_type == "bce"
+
+    @property
+    def user_kd_loss(self) -> Callable[..., Tensor] | None:
+        """The user's KD loss, or ``None`` for a built-in one."""
+        return self._user_kd_loss
+
+    @property
+    def user_hard_loss(self) -> Callable[..., Tensor] | None:
+        """The user's hard-label loss, or ``None`` for a built-in one (or the model's own loss)."""
+        return self._user_hard_loss
+
     def kd_loss_fn(self) -> Callable[..., Tensor]:
-        """The logits loss of :mod:`lit_kd.losses` for ``kd_loss_type``: ``fn(logits_s, logits_t, T, mask)``."""
-        return _KD_LOSS_FNS[self.kd_loss_type]
+        """The logits loss: the user's, or :mod:`lit_kd.losses`' ``fn(logits_s, logits_t, T, mask, scale)``."""
+        return self._user_kd_loss if self._user_kd_loss is not None else _KD_LOSS_FNS[self.kd_loss_type]
+
+    def kd_loss(self, logits_s: Tensor, logits_t: Tensor, temperature: Tensor, mask: Tensor | None) -> Tensor:
+        """The logits loss on one batch.
+
+        Args:
+            logits_s: Student logits, (N, C) or (B, L, C) (any shape for ``"bce"``).
+            logits_t: Teacher logits, same shape.
+            temperature: Per-item temperatures, the logits' shape without the class dimension (as the temperature
+                schedules return them).
+            mask: Bool mask of that shape, or ``None``.
+
+        Returns:
+            A scalar; built-in losses are scaled by ``T**2`` per item when ``scale_by_temperature_squared``.
+        """
+        fn = self._user_kd_loss
+        if fn is None:
+            return _KD_LOSS_FNS[self.kd_loss_type](
+                logits_s, logits_t, temperature, mask, self.scale_by_temperature_squared
+            )
+        # One temperature per item with a trailing singleton: `logits / temperature` broadcasts correctly even when
+        # the batch size equals the class count.
+        t = temperature.unsqueeze(-1) if temperature.dim() == logits_s.dim() - 1 else temperature
+        if self._user_kd_takes_mask:
+            return fn(logits_s, logits_t, t, mask)
+        if mask is not None:
+            raise ValueError(
+                f"Expected the KD loss {loss_name(fn)} to take a `mask` (a 4th argument) because the logits come with "
+                "one (padding or unscored positions), but it takes three arguments."
+            )
+        return fn(logits_s, logits_t, t)
 
     def temperature_fn(self) -> schedulers.TemperatureSchedule:
         """``fn(logits_s, logits_t, base_temperature, mask=None)`` returning per-sample temperatures."""
@@ -321,6 +510,9 @@ class DistillationConfig:
                 what = "attention maps"
             for model, attr in (("teacher", "layer_t"), ("student", "layer_s")):
                 count = available[model]
+                layers = getattr(match, attr)
+                if all(isinstance(i, str) for i in (layers if isinstance(layers, list) else [layers])):
+                    continue  # module names: their outputs are captured by hooks
                 if count is None:
                     raise ValueError(
                         f"Expected the {model} to return {what} (intermediate match `{match.name}`) but "
@@ -328,6 +520,8 @@ class DistillationConfig:
                     )
                 layers = getattr(match, attr)
                 for index in layers if isinstance(layers, list) else [layers]:
+                    if isinstance(index, str):
+                        continue  # a module name, checked when its hook is registered
                     if index >= count:
                         raise ValueError(
                             f"Expected `{attr}` to be < {count} (the {model} returns {count} {what}) but got "

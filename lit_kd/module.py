@@ -1,14 +1,20 @@
 """``DistillationModule``: train a student to imitate one or several frozen teachers, the Lightning way.
 
-Total loss per training step (``p`` is the training progress, ``global_step / estimated_stepping_batches``):
+The maths live in :class:`~lit_kd.distiller.Distiller` (Lightning-free, shared with
+:class:`~lit_kd.callback.DistillationCallback`); this module adds the student, the optimizer, logging, metrics and the
+checkpoint policy. Total loss per training step (``p`` is the training progress,
+``global_step / estimated_stepping_batches``):
 
     ``loss = w_kd(p) * kd(z_s, z_t, T) + w_hard(p) * hard + sum_m weight_m * match_m``
 
-``kd`` is ``config.kd_loss_type`` on the logits (scaled per sample by ``T**2`` when
-``config.scale_by_temperature_squared``), ``hard`` is the sum of the student's own losses (``ModelView.losses``) or,
-when it reports none, cross-entropy (binary cross-entropy for ``kd_loss_type="bce"``) on the gold labels, and each
-``match_m`` an intermediate-layer loss (:class:`~lit_kd.config.IntermediateMatch`) on hidden states or attentions,
-with a trainable projection of the student's feature when the widths differ.
+``kd`` is ``config.kd_loss_type`` on the logits (built-in losses scaled per sample by ``T**2`` when
+``config.scale_by_temperature_squared``), ``hard`` is ``config.hard_label_loss`` or, by default, the sum of the
+student's own losses (``ModelView.losses``) or, when it reports none, cross-entropy (binary cross-entropy for
+``kd_loss_type="bce"``) on the gold labels, and each ``match_m`` an intermediate-layer loss
+(:class:`~lit_kd.config.IntermediateMatch`) on hidden states, attentions or named modules' outputs, with a
+trainable projection of the student's feature when the widths differ.
+
+Already a LightningModule of your own? Add :class:`~lit_kd.callback.DistillationCallback` to its Trainer instead.
 
 TextBrewer's ``TrainingConfig``/``train()`` arguments map onto the Lightning Trainer:
 
@@ -19,7 +25,7 @@ TextBrewer                     Lightning
 ``max_grad_norm``              ``Trainer(gradient_clip_val=...)``
 ``gradient_accumulation``      ``Trainer(accumulate_grad_batches=...)``
 ``fp16`` (Apex)                ``Trainer(precision="16-mixed"|"bf16-mixed")``
-``scheduler_class/_args``      ``lr_scheduler=`` (an ``LRSchedulerCallable``; stepped every optimizer step)
+``scheduler_class/_args``      ``lr_scheduler=`` (an ``LRSchedulerCallable``; ``lr_scheduler_interval``)
 ``callback``                   ``validation_step`` metrics, or any ``lightning.Callback``
 ``batch_postprocessor``        ``LightningDataModule.on_after_batch_transfer`` or the collate function
 ``ckpt_frequency``             ``ModelCheckpoint(every_n_train_steps=...)``; resume with ``ckpt_path=``
@@ -41,58 +47,67 @@ Several tasks: ``teacher`` (and the adaptors) may be dicts keyed by task name; e
 that draws a task per batch with probabilities proportional to the dataset sizes (TextBrewer's default).
 
 Different inputs for teacher and student (e.g. different tokenizers): a batch may carry ``teacher`` and ``student``
-parts; each model is called with its part (top-level ``labels``/``task`` are shared).
+parts; each model is called with its part (top-level ``labels``/``task`` are shared). Which entries feed which
+``forward`` argument: by name by default, or ``teacher_inputs``/``student_inputs`` (a key map or a function).
+
+Inference: ``teacher`` may be ``None`` (``DistillationModule.load_from_checkpoint(ckpt, student=MyStudent())``
+needs no teacher); only training needs one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import is_dataclass, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from lit_kd.adaptors import ModelView, call_model, default_adaptor, is_transformers_model, save_model
-from lit_kd.cache import TeacherCache
-from lit_kd.config import DistillationConfig, IntermediateMatch
-from lit_kd.losses import shift_probability
+from lit_kd.adaptors import Inputs, ModelView, save_model
+from lit_kd.config import DistillationConfig
+from lit_kd.distiller import DEFAULT_TASK, Distiller
 
-DEFAULT_TASK = "default"
-_ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
+__all__ = ["DEFAULT_TASK", "DistillationModule", "training_progress"]
 
 
-def _projection(kind: str, dim_s: int, dim_t: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim_s, dim_t), _ACTIVATIONS[kind]())
+def training_progress(trainer: L.Trainer | None, global_step: int) -> float:
+    """``global_step / estimated_stepping_batches`` in [0, 1]; 0 when the length of training is unknown."""
+    total = trainer.estimated_stepping_batches if trainer is not None else float("inf")
+    return min(1.0, global_step / total) if total and total != float("inf") else 0.0
 
 
-def _as_dict(value: Any, what: str) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        if not value:
-            raise ValueError(f"Expected `{what}` to name at least one task but got an empty dict.")
-        return dict(value)
-    return {DEFAULT_TASK: value}
+def student_num_labels(student: nn.Module) -> int | None:
+    """The student's class count when it says: ``config.num_labels`` (``transformers``), ``config["num_labels"]``
+    (:class:`~lit_kd.students.BiGRUClassifier`) or a ``num_labels`` attribute."""
+    config = getattr(student, "config", None)
+    if isinstance(config, dict):
+        value = config.get("num_labels")
+    elif config is not None:
+        value = getattr(config, "num_labels", None)
+    else:
+        value = getattr(student, "num_labels", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class DistillationModule(L.LightningModule):
     """Distils one or several frozen teachers into a trainable student.
 
     Args:
-        teacher: The teacher, a list of teachers (an ensemble), or a dict ``{task: teacher or list}``.
+        teacher: The teacher, a list of teachers (an ensemble), a dict ``{task: teacher or list}``, or ``None`` for
+            a module used for inference only (e.g. loaded from a checkpoint without its teacher).
         student: The student; the only model that trains.
         config: What to distil (losses, temperature, weights, intermediate matches); ``None`` for the defaults.
         teacher_adaptor: ``adaptor(batch, outputs) -> ModelView`` for the teachers (or a dict per task); ``None``
             for :func:`~lit_kd.adaptors.default_adaptor` (``transformers`` outputs, dicts, or a logits tensor).
         student_adaptor: The same for the student.
         optimizer: Builds the optimizer from parameter groups (student; projections).
-        lr_scheduler: Builds a learning-rate scheduler, stepped after every optimizer step; ``None`` for none.
+        lr_scheduler: Builds a learning-rate scheduler; ``None`` for none.
+        lr_scheduler_interval: Step the scheduler after every optimizer ``"step"`` or every ``"epoch"``.
         projection_lr: Learning rate of the projection layers; ``None`` for the optimizer's.
         teacher_reduce: How several teachers' soft targets combine: mean of ``"logits"`` or of ``"probs"``.
         teacher_dtype: ``"float32"``, or ``"bfloat16"`` to halve the teachers' memory and time (outputs are cast
@@ -101,7 +116,8 @@ class DistillationModule(L.LightningModule):
             that builds the module supplies them again; checkpoints stay small.
         metric_task: Validation/test metrics of the student: ``"multiclass"`` (accuracy) or ``"binary"`` (AUROC
             and accuracy of sigmoid outputs, e.g. knowledge tracing).
-        num_labels: Classes for ``"multiclass"`` metrics.
+        num_labels: Classes for ``"multiclass"`` metrics; ``None`` for the student's own (``config.num_labels``
+            of a ``transformers`` model, or its ``num_labels`` attribute). ``lit-kd`` links it from the data.
         teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits (full or
             top-k) and the hidden states the matches read are taken from it by ``batch["index"]`` instead of running
             the teacher (one teacher; hidden-state matches need their teacher layers cached; no attention matches).
@@ -109,12 +125,20 @@ class DistillationModule(L.LightningModule):
         compile: Compile the student's (and live teachers') forward with ``torch.compile`` when the trainer sets the
             module up (``nn.Module.compile``: in place, so checkpoints keep their keys).
         compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` only traces).
+        teacher_inputs: Which batch entries feed the teachers' ``forward``: ``None`` (entries named like its
+            parameters), a key map ``{parameter: batch_key}`` or a function ``inputs(batch)`` returning keyword
+            (dict) or positional (tuple) arguments.
+        student_inputs: The same for the student.
+
+    Raises:
+        ValueError: If ``num_labels`` is None for ``"multiclass"`` metrics and the student does not say its class
+            count, or an argument is out of its range.
     """
 
     def __init__(
         self,
-        teacher: nn.Module | list[nn.Module] | dict[str, nn.Module],
-        student: nn.Module,
+        teacher: nn.Module | list[nn.Module] | dict[str, nn.Module] | None = None,
+        student: nn.Module | None = None,
         config: DistillationConfig | None = None,
         teacher_adaptor: Callable | dict[str, Callable] | None = None,
         student_adaptor: Callable | dict[str, Callable] | None = None,
@@ -125,67 +149,65 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         save_teacher: bool = False,
         metric_task: Literal["multiclass", "binary"] = "multiclass",
-        num_labels: int = 2,
+        num_labels: int | None = None,
         teacher_cache: str | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
+        teacher_inputs: Inputs = None,
+        student_inputs: Inputs = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["teacher", "student", "teacher_adaptor", "student_adaptor", "optimizer", "lr_scheduler", "config"]
-        )
-        if teacher_reduce not in ("logits", "probs"):
-            raise ValueError(f"Expected `teacher_reduce` to be 'logits' or 'probs' but got {teacher_reduce!r}.")
-        if teacher_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"Expected `teacher_dtype` to be 'float32' or 'bfloat16' but got {teacher_dtype!r}.")
+        if student is None:
+            raise ValueError("Expected `student` to be an nn.Module (the model that trains) but got None.")
         if metric_task not in ("multiclass", "binary"):
             raise ValueError(f"Expected `metric_task` to be 'multiclass' or 'binary' but got {metric_task!r}.")
-        self.config = config if config is not None else DistillationConfig()
-        teachers = _as_dict(teacher, "teacher")
-        self.teachers = nn.ModuleDict(
-            {
-                task: nn.ModuleList(t if isinstance(t, (list, tuple, nn.ModuleList)) else [t])
-                for task, t in teachers.items()
-            }
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"Expected `lr_scheduler_interval` to be 'step' or 'epoch' but got {lr_scheduler_interval!r}."
+            )
+        if num_labels is None and metric_task == "multiclass":
+            num_labels = student_num_labels(student)
+            if num_labels is None:
+                raise ValueError(
+                    "Expected `num_labels` (the classes of the metrics) but got None and the student does not say "
+                    f"its class count ({type(student).__name__} has no `config.num_labels` or `num_labels`)."
+                )
+        self.save_hyperparameters(
+            ignore=[
+                "teacher",
+                "student",
+                "teacher_adaptor",
+                "student_adaptor",
+                "optimizer",
+                "lr_scheduler",
+                "config",
+                "teacher_inputs",
+                "student_inputs",
+            ]
         )
+        self.hparams.num_labels = num_labels
+        distiller = Distiller(
+            teacher,
+            config,
+            teacher_adaptor=teacher_adaptor,
+            student_adaptor=student_adaptor,
+            teacher_inputs=teacher_inputs,
+            student_inputs=student_inputs,
+            teacher_reduce=teacher_reduce,
+            teacher_dtype=teacher_dtype,
+            teacher_cache=teacher_cache,
+        )
+        # The distiller's modules are registered here under their historical names (`teachers.*`, `projections.*`
+        # in checkpoints); the distiller itself is kept unregistered so that they are not registered twice.
+        self.__dict__["distiller"] = distiller
+        self.teachers = distiller.teachers
+        self.projections = distiller.projections
+        self.config = distiller.config
         self.student = student
-        self.teacher_adaptors = _as_dict(teacher_adaptor, "teacher_adaptor")
-        self.student_adaptors = _as_dict(student_adaptor, "student_adaptor")
+        distiller.prepare_student(student)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.projections = nn.ModuleDict(
-            {m.name: _projection(*m.projection) for m in self.config.intermediate_matches if m.projection}
-        )
-        # The teacher layers each feature's matches read; a feature with any is asked of both models.
-        self._teacher_layers = {
-            feature: frozenset(
-                i
-                for m in self.config.intermediate_matches
-                if m.feature == feature
-                for i in (m.layer_t if isinstance(m.layer_t, list) else [m.layer_t])
-            )
-            for feature in ("hidden", "attention")
-        }
-        self._needs = {feature: bool(layers) for feature, layers in self._teacher_layers.items()}
-        for model in [*self.all_teachers(), self.student]:
-            if self._needs["attention"] and is_transformers_model(model):
-                # SDPA kernels return no attention maps: switch to eager attention only when a match needs them.
-                model.set_attn_implementation("eager")
-        for t in self.all_teachers():
-            t.requires_grad_(False)
-            t.eval()
-            if teacher_dtype == "bfloat16":
-                t.to(torch.bfloat16)
-        self._checked_first_batch = False
-        self._cache = None
-        if teacher_cache is not None:
-            if len(self.all_teachers()) != 1:
-                raise ValueError(
-                    f"Expected one teacher with `teacher_cache` but got {len(self.all_teachers())}; cache the "
-                    "ensemble's combined logits with one wrapper model instead."
-                )
-            self._cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0])
-            self._check_cache_covers_config(self._cache)
         if metric_task == "multiclass":
             metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
         else:
@@ -196,31 +218,28 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ inference
     def forward(self, batch: Any) -> Any:
         """The student's outputs for ``batch`` (its ``student`` part if the batch has one)."""
-        return call_model(self.student, self._part(batch, "student"))
+        return self.distiller.call_student(self.student, batch)[0]
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        task = self._task(batch)
-        s_batch, t_batch = self._part(batch, "student"), self._part(batch, "teacher")
-        if self._cache is not None:
-            s_view = self._view(self.student, s_batch, self.student_adaptors, task)
-            t_views = [self._cached_view(self._index(batch), t_batch, s_view)]
-        else:
+        d = self.distiller
+        if d.cache is None:
             # Teachers first, keeping only the features a match reads: the other layers' hidden states and attention
             # maps are freed before the student's forward instead of living through it (a smaller peak footprint).
-            with torch.no_grad():
-                t_views = [
-                    self._matched_features(self._view(t, t_batch, self.teacher_adaptors, task))
-                    for t in self.teachers[task]
-                ]
-            s_view = self._view(self.student, s_batch, self.student_adaptors, task)
-        if not self._checked_first_batch:
-            self._check_views(s_view, t_views)
-            self._checked_first_batch = True
-        terms = self.loss_terms(s_view, t_views, self._progress())
+            t_views = d.teacher_views(batch)
+            s_view = d.student_view(batch, *d.call_student(self.student, batch))
+        else:
+            s_view = d.student_view(batch, *d.call_student(self.student, batch))
+            t_views = d.teacher_views(batch, s_view)
+        stats: dict[str, Tensor] = {}
+        terms = d.loss_terms(s_view, t_views, training_progress(self._trainer, self.global_step), stats)
         n = s_view.logits.shape[0]
+        if "temperature" in stats:
+            self.log("train/temperature", stats["temperature"], batch_size=n)
         for name, (value, weight) in terms.items():
             self.log(f"train/{name}", value, batch_size=n)
+            if name.count("/") and not name.startswith("match/"):
+                continue  # `kd/<fn>`, `hard/<fn>`: the user loss's own name, logged once
             self.log(f"train/{name}_weighted", value * weight, batch_size=n)
             if name in ("kd", "hard"):
                 self.log(f"train/{name}_weight", weight, batch_size=n)
@@ -245,7 +264,8 @@ class DistillationModule(L.LightningModule):
         optimizer = self.optimizer(groups)
         if self.lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": self.hparams.lr_scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ hooks
     def train(self, mode: bool = True) -> DistillationModule:
@@ -257,7 +277,7 @@ class DistillationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            for model in [self.student, *([] if self._cache is not None else self.all_teachers())]:
+            for model in [self.student, *([] if self.distiller.cache is not None else self.all_teachers())]:
                 model.compile(backend=self.hparams.compile_backend)
             self._compiled = True
 
@@ -274,41 +294,24 @@ class DistillationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        if not any(k.startswith("teachers.") for k in state):
+        saved_teachers = [k for k in state if k.startswith("teachers.")]
+        if not self.teachers:
+            for key in saved_teachers:  # built without a teacher (inference): the saved one is not needed
+                del state[key]
+        elif not saved_teachers:
             # Saved without teachers: keep the ones this module was built with.
             state.update({f"teachers.{k}": v for k, v in self.teachers.state_dict().items()})
 
     # ------------------------------------------------------------------ public helpers
     def all_teachers(self) -> list[nn.Module]:
         """Every teacher of every task."""
-        return [t for group in self.teachers.values() for t in group]
+        return self.distiller.all_teachers()
 
     def loss_terms(
         self, s_view: ModelView, t_views: list[ModelView], progress: float
     ) -> dict[str, tuple[Tensor, float]]:
         """The loss terms ``{name: (unweighted value, weight)}`` for one batch: ``kd``, ``hard``, ``match/<name>``."""
-        cfg = self.config
-        terms: dict[str, tuple[Tensor, float]] = {}
-        w_kd = cfg.kd_loss_weight_at(progress)
-        if w_kd > 0:
-            logits_s = s_view.logits.float()
-            logits_t = self._teacher_logits(t_views, cfg.temperature, binary=cfg.kd_loss_type == "bce")
-            if cfg.probability_shift:
-                logits_t = shift_probability(logits_t, s_view.labels)
-            mask = s_view.logits_mask
-            temperature = cfg.temperature_fn()(logits_s, logits_t, cfg.temperature, mask)
-            self.log("train/temperature", temperature.float().mean(), batch_size=logits_s.shape[0])
-            kd = cfg.kd_loss_fn()(logits_s, logits_t, temperature, mask, cfg.scale_by_temperature_squared)
-            terms["kd"] = (kd, w_kd)
-        w_hard = cfg.hard_label_weight_at(progress)
-        if w_hard > 0:
-            terms["hard"] = (self._hard_loss(s_view), w_hard)
-        for match in cfg.intermediate_matches:
-            if match.weight > 0:
-                terms[f"match/{match.name}"] = (self._match_loss(match, s_view, t_views[0]), match.weight)
-        if not terms:
-            raise ValueError("Expected at least one loss term with a positive weight but all weights are 0.")
-        return terms
+        return self.distiller.loss_terms(s_view, t_views, progress)
 
     def export_student(self, path: str | os.PathLike) -> Path:
         """Write the student alone: ``save_pretrained`` for ``transformers`` models, else a state dict file.
@@ -322,177 +325,9 @@ class DistillationModule(L.LightningModule):
         return save_model(self.student, path)
 
     # ------------------------------------------------------------------ internals
-    def _task(self, batch: Any) -> str:
-        """The batch's task (``batch["task"]``, default ``"default"``), checked against the teachers' tasks."""
-        task = batch.get("task", DEFAULT_TASK) if isinstance(batch, Mapping) else DEFAULT_TASK
-        if task not in self.teachers:
-            raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {task!r}.")
-        return task
-
-    @staticmethod
-    def _index(batch: Any) -> Tensor:
-        if not isinstance(batch, Mapping) or "index" not in batch:
-            raise ValueError("Expected batches with an `index` entry (sample indices) when `teacher_cache` is set.")
-        return batch["index"]
-
-    @staticmethod
-    def _part(batch: Any, who: str) -> Any:
-        if isinstance(batch, Mapping) and who in batch:
-            part = dict(batch[who])
-            for key in ("labels", "task", "index"):
-                if key in batch and key not in part:
-                    part[key] = batch[key]
-            return part
-        return batch
-
-    def _adaptor(self, adaptors: dict[str, Callable | None], task: str) -> Callable:
-        adaptor = adaptors.get(task, adaptors.get(DEFAULT_TASK))
-        return adaptor if adaptor is not None else default_adaptor
-
-    def _view(self, model: nn.Module, batch: Any, adaptors: dict, task: str) -> ModelView:
-        outputs = call_model(model, batch, self._needs["hidden"], self._needs["attention"])
-        return self._adaptor(adaptors, task)(batch, outputs)
-
-    def _check_cache_covers_config(self, cache: TeacherCache) -> None:
-        """Refuse a config that needs teacher outputs the cache does not hold."""
-        matches = self.config.intermediate_matches
-        if any(m.feature == "attention" for m in matches):
-            raise ValueError(
-                "Expected no attention matches with `teacher_cache` (the cache holds logits and hidden states, not "
-                "attention maps) but the config has some."
-            )
-        missing = sorted(self._teacher_layers["hidden"] - set(cache.hidden_layers))
-        if missing:
-            raise ValueError(
-                f"Expected the teacher cache in {cache.path} to hold the hidden states the matches read (layers "
-                f"{sorted(self._teacher_layers['hidden'])}) but it lacks {missing}; build it with "
-                f"`TeacherCache.build(..., hidden_layers={sorted(self._teacher_layers['hidden'])})`."
-            )
-        if cache.top_k is not None and self.config.kd_loss_type == "bce":
-            raise ValueError(
-                f"Expected full logits in the teacher cache for `kd_loss_type='bce'` but {cache.path} holds top-"
-                f"{cache.top_k} logits (top-k needs a class dimension); rebuild it with top_k=None."
-            )
-
-    def _cached_view(self, index: Tensor, t_batch: Any, s_view: ModelView) -> ModelView:
-        """The teacher's view of a batch from the cache: logits, and the hidden states the matches read."""
-        logits = self._cache.lookup(index, t_batch, like=s_view.logits)  # also checks the inputs
-        layers = self._teacher_layers["hidden"]
-        if not layers:
-            return ModelView(logits=logits)
-        like = s_view.hidden_states[0] if s_view.hidden_states else s_view.logits
-        hidden = [
-            self._cache.hidden_state(index, i, like) if i in layers else None
-            for i in range(self._cache.num_hidden_states or 0)
-        ]
-        return ModelView(logits=logits, hidden_states=hidden)
-
-    def _matched_features(self, view: ModelView) -> ModelView:
-        """``view`` with ``None`` in place of the teacher features no intermediate match reads (lengths kept)."""
-        if not is_dataclass(view):
-            return view
-
-        def keep(features: Any, layers: frozenset[int]) -> Any:
-            if not isinstance(features, (list, tuple)):
-                return features
-            return [f if i in layers else None for i, f in enumerate(features)]
-
-        return replace(
-            view,
-            hidden_states=keep(view.hidden_states, self._teacher_layers["hidden"]),
-            attentions=keep(view.attentions, self._teacher_layers["attention"]),
-        )
-
-    def _progress(self) -> float:
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        return min(1.0, self.global_step / total) if total and total != float("inf") else 0.0
-
-    def _check_views(self, s_view: ModelView, t_views: list[ModelView]) -> None:
-        for i, t_view in enumerate(t_views):
-            if tuple(t_view.logits.shape) != tuple(s_view.logits.shape):
-                raise ValueError(
-                    f"Expected the teacher's and the student's logits to have the same shape but got "
-                    f"{tuple(t_view.logits.shape)} (teacher {i}) and {tuple(s_view.logits.shape)} (student) at the "
-                    "first batch; check `num_labels` of both models."
-                )
-        t_view = t_views[0]
-        count = lambda xs: None if xs is None else len(xs)  # noqa: E731
-        if self.config.intermediate_matches:
-            for who, view in (("teacher", t_view), ("student", s_view)):
-                if self._needs["hidden"] and view.hidden_states is None:
-                    raise ValueError(
-                        f"Expected the {who} to return hidden states (an intermediate match uses them) but its "
-                        "adaptor gives `hidden_states=None`."
-                    )
-                if self._needs["attention"] and view.attentions is None:
-                    raise ValueError(
-                        f"Expected the {who} to return attention maps (an attention match uses them) but its adaptor "
-                        "gives `attentions=None`; `transformers` models return them with eager attention, which this "
-                        "module switches on; other models need an adaptor that provides them."
-                    )
-            self.config.validate_layers(
-                count(t_view.hidden_states),
-                count(s_view.hidden_states),
-                count(t_view.attentions),
-                count(s_view.attentions),
-            )
-
-    def _teacher_logits(self, t_views: list[ModelView], temperature: float, binary: bool) -> Tensor:
-        logits = [v.logits.float() for v in t_views]
-        if len(logits) == 1:
-            return logits[0]
-        stacked = torch.stack(logits)  # (K, ...)
-        if self.hparams.teacher_reduce == "logits":
-            return stacked.mean(0)
-        if binary:
-            p = torch.sigmoid(stacked / temperature).mean(0).clamp(1e-7, 1 - 1e-7)
-            return temperature * torch.logit(p)
-        log_p = torch.log_softmax(stacked / temperature, dim=-1)  # (K, ..., C)
-        return temperature * (torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(logits)))))
-
-    def _hard_loss(self, view: ModelView) -> Tensor:
-        if view.losses:
-            return sum(view.losses)
-        if view.labels is None:
-            raise ValueError(
-                "Expected labels for the hard-label loss (`hard_label_weight` > 0) but the student's adaptor gives "
-                "`labels=None` and no `losses`."
-            )
-        logits = view.logits.float()
-        if self.config.kd_loss_type == "bce":
-            per = F.binary_cross_entropy_with_logits(logits, view.labels.to(logits.dtype), reduction="none")
-        else:
-            per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), view.labels.reshape(-1), reduction="none")
-            per = per.reshape(view.labels.shape)
-        if view.logits_mask is None:
-            return per.mean()
-        mask = view.logits_mask.to(per.dtype)
-        return (per * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def _feature(self, view: ModelView, match: IntermediateMatch, layer: int) -> Tensor:
-        features = view.hidden_states if match.feature == "hidden" else view.attentions
-        return features[layer].float()
-
-    def _match_loss(self, match: IntermediateMatch, s_view: ModelView, t_view: ModelView) -> Tensor:
-        layers_s = match.layer_s if isinstance(match.layer_s, list) else [match.layer_s]
-        layers_t = match.layer_t if isinstance(match.layer_t, list) else [match.layer_t]
-        feats_s = [self._feature(s_view, match, i) for i in layers_s]
-        feats_t = [self._feature(t_view, match, i) for i in layers_t]
-        if match.projection is not None:
-            feats_s = [self.projections[match.name](f) for f in feats_s]
-        mask = s_view.input_mask
-        mask = None if mask is None else mask.bool()
-        fn = match.loss_fn()
-        if match.feature == "attention":
-            return fn(feats_s[0], feats_t[0], mask, scores=s_view.attention_scores)
-        if match.two_layers:
-            return fn(feats_s[0], feats_s[1], feats_t[0], feats_t[1], mask)
-        return fn(feats_s[0], feats_t[0], mask)
-
     def _eval_step(self, batch: Any, metrics: MetricCollection) -> None:
-        task = self._task(batch)
-        s_batch = self._part(batch, "student")
-        view = self._view(self.student, s_batch, self.student_adaptors, task)
+        d = self.distiller
+        view = d.student_view(batch, *d.call_student(self.student, batch))
         if view.labels is None:
             raise ValueError("Expected labels in validation/test batches (the adaptor gives `labels=None`).")
         logits, labels = view.logits.float(), view.labels

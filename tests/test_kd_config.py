@@ -49,7 +49,8 @@ def test_intermediate_match_defaults_and_names():
         (
             dict(loss="l1"),
             "Expected `loss` to be one of 'hidden_mse', 'cos', 'pkd', 'fsp', 'nst', 'mmd', 'attention_mse', "
-            "'attention_mse_sum', 'attention_mse_mean', 'attention_ce', 'attention_ce_mean' but got 'l1'.",
+            "'attention_mse_sum', 'attention_mse_mean', 'attention_ce', 'attention_ce_mean', a callable or a "
+            "dotted import path (`mypkg.losses.fn`) but got 'l1'.",
         ),
         (
             dict(feature="attention", loss="hidden_mse"),
@@ -63,7 +64,8 @@ def test_intermediate_match_defaults_and_names():
         ),
         (
             dict(layer_t=[1, 2]),
-            "Expected `layer_t` to be a single layer index for `loss='hidden_mse'` but got [1, 2].",
+            "Expected `layer_t` to be a single layer index or a module's dotted name for `loss='hidden_mse'` but "
+            "got [1, 2].",
         ),
         (
             dict(loss="nst"),
@@ -74,7 +76,11 @@ def test_intermediate_match_defaults_and_names():
             "Expected `layer_s` to be a list of two layer indices for `loss='fsp'` but got [0, 1, 2].",
         ),
         (dict(layer_s=-1), "Expected `layer_s` to be >= 0 but got -1."),
-        (dict(layer_s=True), "Expected `layer_s` to be a single layer index for `loss='hidden_mse'` but got True."),
+        (
+            dict(layer_s=True),
+            "Expected `layer_s` to be a single layer index or a module's dotted name for `loss='hidden_mse'` but "
+            "got True.",
+        ),
         (dict(weight=-0.5), "Expected `weight` to be >= 0 but got -0.5."),
         (
             dict(projection=("conv", 4, 8)),
@@ -146,7 +152,11 @@ def test_distillation_config_defaults():
         (dict(cwsm_beta=float("nan")), "Expected `cwsm_beta` to be >= 0 but got nan."),
         (dict(kd_loss_weight=-1), "Expected `kd_loss_weight` to be >= 0 but got -1."),
         (dict(hard_label_weight=-0.1), "Expected `hard_label_weight` to be >= 0 but got -0.1."),
-        (dict(kd_loss_type="js"), "Expected `kd_loss_type` to be one of 'ce', 'kl', 'mse', 'bce' but got 'js'."),
+        (
+            dict(kd_loss_type="js"),
+            "Expected `kd_loss_type` to be one of 'ce', 'kl', 'mse', 'bce', a callable or a dotted import path "
+            "(`mypkg.losses.fn`) but got 'js'.",
+        ),
         (
             dict(kd_loss_weight_scheduler="cosine"),
             "Expected `kd_loss_weight_scheduler` to be one of 'constant', 'linear_decay', 'linear_growth' but got "
