@@ -119,6 +119,19 @@ def is_transformers_model(model: nn.Module) -> bool:
     )
 
 
+def model_num_labels(model: nn.Module) -> int | None:
+    """A model's class count when it says: ``config.num_labels`` (``transformers``), ``config["num_labels"]``
+    (:class:`~lit_kd.students.BiGRUClassifier`) or a ``num_labels`` attribute."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict):
+        value = config.get("num_labels")
+    elif config is not None:
+        value = getattr(config, "num_labels", None)
+    else:
+        value = getattr(model, "num_labels", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write a model alone: ``save_pretrained`` (a folder) for ``transformers`` models, else a state dict file."""
     path = Path(path)

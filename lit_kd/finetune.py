@@ -4,9 +4,9 @@ Use it to fine-tune a teacher before distilling it, or to train a student withou
 model is called like :class:`~lit_kd.module.DistillationModule` calls its models
 (:func:`~lit_kd.adaptors.call_model`: the batch entries its ``forward`` accepts) and read with
 :func:`~lit_kd.adaptors.default_adaptor`, so ``transformers`` classifiers, :class:`~lit_kd.students.BiGRUClassifier`
-and models returning a bare logits tensor all work. The loss is cross-entropy of the logits against
-``batch["labels"]``, computed here rather than taken from the model's own ``loss``, so every model trains on the
-same objective.
+and models returning a bare logits tensor all work; ``inputs`` says which batch entries feed which ``forward``
+argument when the names differ. The loss is cross-entropy of the logits against ``batch[label_key]``, computed
+here rather than taken from the model's own ``loss``, so every model trains on the same objective.
 
 Lightning keeps the train/eval mode the model is in when ``fit`` starts, and ``from_pretrained`` returns models in
 eval mode: call ``model.train()`` first to fine-tune with dropout.
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_kd.adaptors import call_model, default_adaptor, save_model
+from lit_kd.adaptors import Inputs, call_model, check_inputs, default_adaptor, model_num_labels, save_model
 
 __all__ = ["ClassifierModule"]
 
@@ -47,25 +47,42 @@ class ClassifierModule(L.LightningModule):
     Args:
         model: The classifier; called with the batch entries its ``forward`` accepts and read with
             :func:`~lit_kd.adaptors.default_adaptor` (``transformers`` output, dict with ``logits``, or a tensor).
-        num_labels: Number of classes, for the accuracy metric.
+        num_labels: Number of classes, for the accuracy metric and the shape check; ``None`` for the model's own
+            (``config.num_labels``); ``lit-kd`` links it from the data.
         optimizer: Builds the optimizer from the model's trainable parameters.
         lr_scheduler: Builds a learning-rate scheduler, stepped after every optimizer step; ``None`` for none.
+        label_key: The batch entry holding the class ids (B,).
+        inputs: Which batch entries feed the model's ``forward``: ``None`` (the entries named like its parameters,
+            except ``label_key``), a key map ``{parameter: batch_key}`` or a function ``inputs(batch)`` (see
+            :func:`~lit_kd.adaptors.call_model`).
 
     Raises:
-        ValueError: If ``num_labels`` is < 2.
+        ValueError: If ``num_labels`` is < 2, or None while the model does not say its class count.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        num_labels: int = 2,
+        num_labels: int | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        label_key: str = "labels",
+        inputs: Inputs = None,
     ) -> None:
         super().__init__()
+        if num_labels is None:
+            num_labels = model_num_labels(model)
+            if num_labels is None:
+                raise ValueError(
+                    "Expected `num_labels` (the number of classes) but got None and the model does not say its class "
+                    f"count ({type(model).__name__} has no `config.num_labels` or `num_labels`)."
+                )
         if num_labels < 2:
             raise ValueError(f"Expected `num_labels` to be >= 2 but got {num_labels}.")
-        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
+        check_inputs(inputs, "inputs")
+        self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler", "inputs"])
+        self.hparams.num_labels = num_labels
+        self.inputs = inputs
         self.model = model
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -108,7 +125,7 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ public helpers
     def loss(self, batch: Any) -> Tensor:
-        """Mean cross-entropy of the model's logits (B, C) against ``batch["labels"]`` (B,)."""
+        """Mean cross-entropy of the model's logits (B, C) against ``batch[label_key]`` (B,)."""
         return self._shared_step(batch)[0]
 
     def export_model(self, path: str | os.PathLike) -> Path:
@@ -124,15 +141,19 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ internals
     def _logits(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        # Without `labels` the model computes no loss of its own: the loss is this module's cross-entropy.
-        inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, Mapping) else batch
-        view = default_adaptor(batch, call_model(self.model, inputs))
+        # Without the labels the model computes no loss of its own: the loss is this module's cross-entropy.
+        key = self.hparams.label_key
+        inputs = {k: v for k, v in batch.items() if k != key} if isinstance(batch, Mapping) else batch
+        outputs = call_model(self.model, batch if self.inputs is not None else inputs, inputs=self.inputs)
+        view = default_adaptor(batch, outputs, labels_key=key)
         return view.logits.float(), view.labels  # (B, C), (B,)
 
     def _shared_step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         logits, labels = self._logits(batch)
         if labels is None:
-            raise ValueError("Expected the batch to hold `labels` (class ids, (B,)) but it has none.")
+            raise ValueError(
+                f"Expected the batch to hold `{self.hparams.label_key}` (class ids, (B,); `label_key`) but it has none."
+            )
         if logits.dim() != 2 or logits.shape[-1] != self.hparams.num_labels:
             raise ValueError(
                 f"Expected the model's logits to have shape (B, {self.hparams.num_labels}) (`num_labels`) but got "

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from lit_kd.adaptors import Inputs, ModelView, save_model
+from lit_kd.adaptors import Inputs, ModelView, model_num_labels, save_model
 from lit_kd.config import DistillationConfig
 from lit_kd.distiller import DEFAULT_TASK, Distiller
 
@@ -79,19 +79,6 @@ def training_progress(trainer: L.Trainer | None, global_step: int) -> float:
     """``global_step / estimated_stepping_batches`` in [0, 1]; 0 when the length of training is unknown."""
     total = trainer.estimated_stepping_batches if trainer is not None else float("inf")
     return min(1.0, global_step / total) if total and total != float("inf") else 0.0
-
-
-def student_num_labels(student: nn.Module) -> int | None:
-    """The student's class count when it says: ``config.num_labels`` (``transformers``), ``config["num_labels"]``
-    (:class:`~lit_kd.students.BiGRUClassifier`) or a ``num_labels`` attribute."""
-    config = getattr(student, "config", None)
-    if isinstance(config, dict):
-        value = config.get("num_labels")
-    elif config is not None:
-        value = getattr(config, "num_labels", None)
-    else:
-        value = getattr(student, "num_labels", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class DistillationModule(L.LightningModule):
@@ -167,7 +154,7 @@ class DistillationModule(L.LightningModule):
                 f"Expected `lr_scheduler_interval` to be 'step' or 'epoch' but got {lr_scheduler_interval!r}."
             )
         if num_labels is None and metric_task == "multiclass":
-            num_labels = student_num_labels(student)
+            num_labels = model_num_labels(student)
             if num_labels is None:
                 raise ValueError(
                     "Expected `num_labels` (the classes of the metrics) but got None and the student does not say "
