@@ -217,6 +217,8 @@ def model_arguments(model: nn.Module, batch: Any, inputs: Inputs = None, who: st
     signature = _signature(model)
     try:
         signature.bind(*args, **kwargs)
+        if not args and not kwargs and keys:  # every parameter optional (transformers), none of them in the batch
+            raise TypeError("no batch entry is named like one of its parameters")
     except TypeError as e:
         given = "the batch" if keys is None else f"the batch entries {sorted(kwargs)}"
         raise TypeError(

@@ -130,7 +130,7 @@ class DistillationCallback(L.Callback):
                 "loss training_step returns) but `automatic_optimization` is False."
             )
         self._student = (
-            pl_module if self.student_module is None else submodule(pl_module, self.student_module, "module")
+            pl_module if self.student_module is None else submodule(pl_module, self.student_module, "LightningModule")
         )
         FeatureCapture(self._student, self.distiller.student_modules, "student")  # checks the names now
         self.distiller.prepare_student(self._student)

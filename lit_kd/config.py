@@ -193,7 +193,9 @@ def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _layer_str(layer: int | list[int]) -> str:
+def _layer_str(layer: int | list[int] | str) -> str:
+    if isinstance(layer, str):
+        return layer.replace(".", "_")  # a module path: names key the projections, where dots are not allowed
     return "-".join(str(i) for i in layer) if isinstance(layer, list) else str(layer)
 
 
@@ -229,7 +231,7 @@ class IntermediateMatch:
             two-layer losses) before the loss. Needed by every hidden loss but ``nst``/``mmd`` when the widths differ.
             Must be ``None`` for attention.
         name: Logged as ``train/match/<name>``; default ``f"{feature}_{layer_s}_{layer_t}_{loss}"`` (two layers
-            written ``a-b``).
+            written ``a-b``, module paths with ``_`` for ``.``, a user loss by its function's name). No dots.
     """
 
     layer_t: int | list[int] | str
@@ -256,8 +258,8 @@ class IntermediateMatch:
             self.projection = self._checked_projection(self.projection)
         if self.name is None:
             self.name = f"{self.feature}_{_layer_str(self.layer_s)}_{_layer_str(self.layer_t)}_{loss_name(self.loss)}"
-        elif not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Expected `name` to be a non-empty string or None but got {self.name!r}.")
+        elif not isinstance(self.name, str) or not self.name or "." in self.name:
+            raise ValueError(f"Expected `name` to be a non-empty string without '.' or None but got {self.name!r}.")
 
     @property
     def two_layers(self) -> bool:

@@ -96,7 +96,7 @@ def test_intermediate_match_defaults_and_names():
             "Expected `projection` to be None for `feature='attention'` (attention maps have no feature dimension) "
             "but got ('linear', 4, 8).",
         ),
-        (dict(name=""), "Expected `name` to be a non-empty string or None but got ''."),
+        (dict(name=""), "Expected `name` to be a non-empty string without '.' or None but got ''."),
     ],
 )
 def test_intermediate_match_validation_messages(kwargs, message):
