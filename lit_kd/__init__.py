@@ -1,17 +1,25 @@
-"""Knowledge distillation with PyTorch Lightning: one module distils any teacher into any student."""
+"""Knowledge distillation with PyTorch Lightning: one module distils any teacher into any student, and a callback adds
+distillation to a LightningModule of your own."""
 
-from lit_kd.adaptors import ModelView, call_model, default_adaptor, kt_adaptor
+from lit_kd.adaptors import ModelView, call_model, default_adaptor
+from lit_kd.callback import DistillationCallback
 from lit_kd.config import DistillationConfig, IntermediateMatch
+from lit_kd.distiller import Distiller
+from lit_kd.export import load_student, save_model, unwrap_model
 from lit_kd.finetune import ClassifierModule
 from lit_kd.module import DistillationModule
 
 __all__ = [
     "ClassifierModule",
+    "DistillationCallback",
     "DistillationConfig",
     "DistillationModule",
+    "Distiller",
     "IntermediateMatch",
     "ModelView",
     "call_model",
     "default_adaptor",
-    "kt_adaptor",
+    "load_student",
+    "save_model",
+    "unwrap_model",
 ]

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 
@@ -130,17 +127,6 @@ def model_num_labels(model: nn.Module) -> int | None:
     else:
         value = getattr(model, "num_labels", None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a model alone: ``save_pretrained`` (a folder) for ``transformers`` models, else a state dict file."""
-    path = Path(path)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(path)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return path
 
 
 @functools.lru_cache(maxsize=256)

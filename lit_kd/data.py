@@ -32,9 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_kd._files import FileFormatError, csv_rows, distributed_eval_sampler
 from lit_kd.students import resolve_name_or_path
-from lit_kt.data import distributed_eval_sampler
-from lit_kt.formats import FileFormatError, csv_rows
 
 __all__ = [
     "TextClassificationDataModule",
@@ -59,6 +58,7 @@ def read_labelled_text(
     text_col: str = "sentence",
     label_col: str = "label",
     delimiter: str | None = None,
+    num_labels: int | None = None,
 ) -> tuple[list[str], list[int]]:
     """Reads a table of texts and integer class labels with a header row (e.g. GLUE's ``SST-2/train.tsv``).
 
@@ -72,15 +72,18 @@ def read_labelled_text(
         text_col: Column holding the text (must not be empty).
         label_col: Column holding the class label, an integer ``>= 0``.
         delimiter: Field delimiter; ``None`` infers it from the extension (``.tsv``: tab, ``.csv``: comma).
+        num_labels: When given, every label must also be ``< num_labels`` (the classes of the model that will read
+            them); ``None`` accepts any label ``>= 0``.
 
     Returns:
         ``(texts, labels)``, two lists in file order.
 
     Raises:
-        ValueError: If ``delimiter`` is ``None`` and the extension is neither ``.tsv`` nor ``.csv``.
+        ValueError: If ``delimiter`` is ``None`` and the extension is neither ``.tsv`` nor ``.csv``, or
+            ``num_labels`` is ``< 1``.
         TextFormatError: If the file is empty or has no data rows, lacks a column, a row has a different number of
-            fields than the header, a text is empty or a label is not an integer ``>= 0``; the message names the file
-            and the 1-based line.
+            fields than the header, a text is empty or a label is not an integer ``>= 0`` (and ``< num_labels`` when
+            given); the message names the file and the 1-based line.
         OSError: If the file cannot be read.
 
     Example:
@@ -95,6 +98,8 @@ def read_labelled_text(
                 f"Expected `path` to end in .tsv or .csv (or `delimiter` to be given) but got {os.fspath(path)!r}."
             )
         delimiter = _DELIMITERS[suffix]
+    if num_labels is not None and num_labels < 1:
+        raise ValueError(f"Expected `num_labels` to be >= 1 but got {num_labels}.")
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     texts: list[str] = []
     labels: list[int] = []
@@ -138,8 +143,13 @@ def read_labelled_text(
                 raise TextFormatError(
                     path, line, f"Expected an integer label >= 0 in column {label_col!r} but got {found}"
                 )
+            value = int(label)
+            if num_labels is not None and value >= num_labels:
+                raise TextFormatError(
+                    path, line, f"Expected a label < num_labels ({num_labels}) in column {label_col!r} but got {value}"
+                )
             texts.append(text)
-            labels.append(int(label))
+            labels.append(value)
     if not texts:
         raise TextFormatError(path, header_line, "Expected at least one data row after the header but got none")
     return texts, labels
@@ -261,6 +271,14 @@ class TextClassificationDataModule(L.LightningDataModule):
     a ``"teacher"`` and a ``"student"`` part. A BiGRU student that reads the teacher's ids needs no
     ``student_tokenizer``: it uses ``input_ids`` with ``vocab_size`` and ``pad_token_id``.
 
+    Labels are checked against the number of classes when a split is read, before any training step: every label
+    of a split must be ``< num_labels``, else :class:`TextFormatError` names the file, the 1-based line and
+    ``num_labels``. With ``num_labels`` given (``lit-kd`` sets it to the model's classes) this holds for
+    ``train.tsv`` too; with ``None`` the number of classes is inferred from the whole ``train.tsv`` (largest label
+    plus one) and ``dev.tsv``/``test.tsv`` are checked against it. ``setup("fit")`` reads and checks ``train.tsv``,
+    ``dev.tsv`` and also ``test.tsv`` when there is one, so that ``fit --test_after_fit`` cannot fail on a label
+    after training; ``setup("validate")`` checks the validation split and ``setup("test"/"predict")`` the test split.
+
     Args:
         data_dir: Folder with ``train.tsv``, ``dev.tsv`` and optionally ``test.tsv``.
         tokenizer: Name or local path of the (teacher's) tokenizer for ``AutoTokenizer.from_pretrained``; must be a
@@ -273,9 +291,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         eval_batch_size: Validation/test/predict samples per batch; ``None`` for ``batch_size``.
         num_workers: DataLoader workers.
         train_limit: Use only the first ``train_limit`` rows of ``train.tsv`` (file order, before shuffling) for quick
-            runs; ``None`` for all. ``num_labels`` is still computed from the whole file.
+            runs; ``None`` for all. ``num_labels`` is still inferred from (or checked on) the whole file.
         text_col: Column holding the text.
         label_col: Column holding the integer label (``0 .. num_labels - 1``).
+        num_labels: Number of classes of the model; every label of every split must be below it. ``None``: inferred
+            from ``train.tsv``. ``lit-kd`` links it with the model's ``num_labels`` (see :mod:`lit_kd.cli`).
 
     Example:
         >>> dm = TextClassificationDataModule("../shared/data/nlp/sst2", tokenizer=minilm_path())  # doctest: +SKIP
@@ -297,6 +317,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         train_limit: int | None = None,
         text_col: str = "sentence",
         label_col: str = "label",
+        num_labels: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)):
@@ -308,6 +329,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             ("eval_batch_size", eval_batch_size, 1),
             ("num_workers", num_workers, 0),
             ("train_limit", train_limit, 1),
+            ("num_labels", num_labels, 1),
         ):
             if value is not None and value < least:
                 raise ValueError(f"Expected `{name}` to be >= {least} but got {value}.")
@@ -315,7 +337,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._texts: dict[str, tuple[list[str], list[int]]] = {}
         self._datasets: dict[str, TokenizedTextDataset] = {}
-        self._num_labels: int | None = None
+        self._num_labels: int | None = num_labels
 
     # ------------------------------------------------------------------ loading
     def load_tokenizer(self, part: Literal["teacher", "student"] = "teacher") -> PreTrainedTokenizerBase:
@@ -352,7 +374,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         path = self._path(split)
         key = os.fspath(path)
         if key not in self._texts:
-            self._texts[key] = read_labelled_text(path, self.hparams.text_col, self.hparams.label_col)
+            # Without a given `num_labels`, train.tsv defines it (largest label + 1): only the other files are checked.
+            bound = None if split == "train" and self.hparams.num_labels is None else self.num_labels
+            self._texts[key] = read_labelled_text(
+                path, self.hparams.text_col, self.hparams.label_col, num_labels=bound
+            )
         return self._texts[key]
 
     def _tokenize(self, texts: list[str], part: Literal["teacher", "student"]) -> dict[str, list[list[int]]]:
@@ -365,7 +391,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         """The tokenised dataset of one split (built on first use, cached).
 
         Raises:
-            ValueError: If a validation/test label is ``>= num_labels``.
+            TextFormatError: If the split's file is malformed or one of its labels is ``>= num_labels`` (with the
+                file and the line).
         """
         path = self._path(split)
         key = "train" if split == "train" else os.fspath(path)  # dev.tsv serves val and test: tokenise it once
@@ -373,11 +400,6 @@ class TextClassificationDataModule(L.LightningDataModule):
             texts, labels = self._read(split)
             if split == "train":
                 texts, labels = texts[: self.hparams.train_limit], labels[: self.hparams.train_limit]
-            elif max(labels) >= self.num_labels:
-                raise ValueError(
-                    f"Expected the labels of {path} to be < num_labels ({self.num_labels}, from"
-                    f" {self._path('train')}) but got {max(labels)}."
-                )
             student = self._tokenize(texts, "student") if self.hparams.student_tokenizer is not None else None
             self._datasets[key] = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)
         return self._datasets[key]
@@ -385,7 +407,8 @@ class TextClassificationDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ derived sizes
     @property
     def num_labels(self) -> int:
-        """Number of classes: the largest label of the whole ``train.tsv`` plus one."""
+        """Number of classes: the ``num_labels`` given, else the largest label of the whole ``train.tsv`` plus one
+        (reading ``train.tsv`` only; no tokenizer is loaded)."""
         if self._num_labels is None:
             labels = self._read("train")[1]
             self._num_labels = max(labels) + 1
@@ -409,8 +432,13 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits.get(stage, ("train", "val", "test")):
+        by_stage = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = by_stage.get(stage, ("train", "val", "test"))
+        # Read and check every file before tokenising any; when fitting also test.tsv, so that a bad label there
+        # stops the run now rather than after training (`fit --test_after_fit`).
+        for split in (*splits, "test") if stage == "fit" else splits:
+            self._read(split)
+        for split in splits:
             self.dataset(split)
 
     def _loader(self, split: Literal["train", "val", "test"]) -> DataLoader:

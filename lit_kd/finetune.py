@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_kd.adaptors import Inputs, call_model, check_inputs, default_adaptor, model_num_labels, save_model
+from lit_kd.adaptors import Inputs, call_model, check_inputs, default_adaptor, model_num_labels
+from lit_kd.export import save_model
 
 __all__ = ["ClassifierModule"]
 

@@ -51,7 +51,8 @@ parts; each model is called with its part (top-level ``labels``/``task`` are sha
 ``forward`` argument: by name by default, or ``teacher_inputs``/``student_inputs`` (a key map or a function).
 
 Inference: ``teacher`` may be ``None`` (``DistillationModule.load_from_checkpoint(ckpt, student=MyStudent())``
-needs no teacher); only training needs one.
+needs no teacher); only training needs one. For the student alone, ``lit_kd.export.load_student(ckpt)`` rebuilds
+a ``transformers`` student from the checkpoint itself (or loads the weights into yours), reading no teacher.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from lit_kd.adaptors import Inputs, ModelView, model_num_labels, save_model
+from lit_kd.adaptors import Inputs, ModelView, model_num_labels
 from lit_kd.config import DistillationConfig
 from lit_kd.distiller import DEFAULT_TASK, Distiller
+from lit_kd.export import STUDENT_RECORD_KEY, save_model, student_record
 
 __all__ = ["DEFAULT_TASK", "DistillationModule", "training_progress"]
 
@@ -274,6 +276,8 @@ class DistillationModule(L.LightningModule):
         self.test_metrics.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What rebuilds the student without any teacher (`lit-kd export`, `lit_kd.export.load_student`).
+        checkpoint[STUDENT_RECORD_KEY] = student_record(self.student)
         if not self.hparams.save_teacher:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("teachers.")]:

@@ -287,7 +287,9 @@ def build_bert_student(
     return student.to(device=teacher.device, dtype=teacher.dtype).train(teacher.training)
 
 
-def load_teacher(name_or_path: str, num_labels: int = 2, attn_implementation: str | None = None) -> PreTrainedModel:
+def load_teacher(
+    name_or_path: str, num_labels: int | None = 2, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Loads a sequence classifier with ``AutoModelForSequenceClassification.from_pretrained``.
 
     A checkpoint without a classification head (e.g. a sentence encoder such as all-MiniLM-L6-v2) gets a freshly
@@ -295,7 +297,7 @@ def load_teacher(name_or_path: str, num_labels: int = 2, attn_implementation: st
 
     Args:
         name_or_path: A local folder (nothing can be downloaded on machines without internet).
-        num_labels: Number of classes of the head.
+        num_labels: Number of classes of the head; ``None`` for the one in the model's config.
         attn_implementation: ``"sdpa"``, ``"eager"``, ...; ``None`` for the library's default.
 
     Returns:
@@ -303,7 +305,7 @@ def load_teacher(name_or_path: str, num_labels: int = 2, attn_implementation: st
     """
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    kwargs: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)

@@ -1,6 +1,8 @@
 """Knowledge tracing with PyTorch Lightning: SAKT and DKT models, data, a Lightning system and inference."""
 
 from lit_kt.data import KTDataModule, KTDataset, collate_kt, window_spans
+from lit_kt.distillation import kt_adaptor
+from lit_kt.factories import model_from_checkpoint
 from lit_kt.formats import KTFormatError, StudentSequence, read_long_table, read_three_line, write_three_line
 from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
@@ -25,7 +27,9 @@ __all__ = [
     "SyntheticStudents",
     "collate_kt",
     "generate_students",
+    "kt_adaptor",
     "masked_bce_with_logits",
+    "model_from_checkpoint",
     "predict_next",
     "read_long_table",
     "read_three_line",

@@ -139,7 +139,7 @@ def _as_int64_vector(values: object, name: str) -> np.ndarray:
 
 
 class FileFormatError(ValueError):
-    """Raised for a malformed data file; the base of :class:`KTFormatError` and ``lit_kd.data.TextFormatError``.
+    """Raised for a malformed data file; the base of :class:`KTFormatError`.
 
     The message starts with ``"<path>:<line>: "`` (1-based line number), or ``"<path>: "`` when the problem concerns
     the file as a whole (e.g. it is empty).

@@ -20,8 +20,8 @@ import lightning as L
 import torch
 from _bench import emit
 
-from lit_kd import DistillationConfig, DistillationModule, kt_adaptor
-from lit_kt import SAKT, KTDataModule, KTModule
+from lit_kd import DistillationConfig, DistillationModule
+from lit_kt import SAKT, KTDataModule, KTModule, kt_adaptor
 
 
 def trainer(epochs: int) -> L.Trainer:

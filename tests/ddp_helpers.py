@@ -74,7 +74,8 @@ class RecordRun(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["losses"].append(float(outputs["loss"]))
-        self.record["train_indices"].append(batch["index"].tolist())
+        if "index" in batch:
+            self.record["train_indices"].append(batch["index"].tolist())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["global_step"] = trainer.global_step
@@ -370,10 +371,42 @@ def dkt_main(out_dir: Path) -> None:
     trainer.fit(module, data)
 
 
+def callback_main(out_dir: Path) -> None:
+    """A user's own LightningModule (tests/kd_user_project.py) distilled by ``DistillationCallback`` on 2 processes,
+    with a named-module match and its projection; records the run, the teacher and the projections."""
+    import copy
+
+    from lit_kd import DistillationCallback, DistillationConfig, IntermediateMatch
+    from tests.kd_user_project import TEACHER_INPUTS, MyModule, UserData, tiny_teacher, user_adaptor
+
+    L.seed_everything(0)
+    match = IntermediateMatch("bert.encoder.layer.1", "encoder", projection=("linear", 8, 16), name="enc")
+    teacher = tiny_teacher()
+    callback = DistillationCallback(
+        teacher,
+        DistillationConfig(temperature=2.0, intermediate_matches=[match]),
+        student_module="net",
+        teacher_inputs=TEACHER_INPUTS,
+        student_adaptor=user_adaptor,
+    )
+    projections0 = copy.deepcopy(callback.distiller.projections.state_dict())
+    trainer = ddp_trainer(out_dir, 2, callbacks=[callback], enable_checkpointing=False)
+    trainer.fit(MyModule(lr=0.1, momentum=0.9), UserData(n=16))
+    extra = {
+        "teacher": teacher.state_dict(),
+        "projections": callback.distiller.projections.state_dict(),
+        "projections0": projections0,
+    }
+    torch.save(extra, out_dir / f"rank{trainer.global_rank}_distiller.pt")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "jobs", nargs="+", choices=["kd", "dkt", "kdlive", "kdcache"], help="runs, in order, in the same processes"
+        "jobs",
+        nargs="+",
+        choices=["kd", "dkt", "kdlive", "kdcache", "kdcallback"],
+        help="runs, in order, in the same processes",
     )
     parser.add_argument("--cache", type=Path, help="teacher cache folder (kdcache)")
     parser.add_argument("--out", type=Path, required=True, help="each job writes to OUT/<job>")
@@ -383,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     for job in args.jobs:
         if job == "kd":
             kd_main(args.data, args.out / "kd", args.epochs)
+        elif job == "kdcallback":
+            callback_main(args.out / "kdcallback")
         elif job in ("kdlive", "kdcache"):
             kd_logits_main(args.data, args.out / job, args.cache if job == "kdcache" else None)
         else:

@@ -22,6 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
+from lit_kd._files import distributed_eval_sampler as kd_distributed_eval_sampler
 from lit_kt import SAKT, KTDataModule, KTModule, collate_kt
 from lit_kt.cli import build_cli
 from lit_kt.data import distributed_eval_sampler
@@ -133,7 +134,9 @@ def single(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- unit
-def test_distributed_eval_sampler_splits_without_repeating():
+@pytest.mark.parametrize("distributed_eval_sampler", [distributed_eval_sampler, kd_distributed_eval_sampler])
+def test_distributed_eval_sampler_splits_without_repeating(distributed_eval_sampler):
+    """lit_kt's sampler and lit_kd's own copy (the packages do not import each other) behave the same."""
     dataset = list(range(7))
     assert distributed_eval_sampler(dataset, None) is None
     assert distributed_eval_sampler(dataset, SimpleNamespace(world_size=1, global_rank=0)) is None

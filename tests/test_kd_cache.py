@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lit_kd import DistillationConfig, DistillationModule, kt_adaptor
+from lit_kd import DistillationConfig, DistillationModule
 from lit_kd.cache import TeacherCache, sample_hashes
+from lit_kt import kt_adaptor
 from tests.test_kd_module import batches, bert
 
 
@@ -112,12 +113,9 @@ def test_cache_with_top_k_and_hidden_states_gives_the_live_loss(tmp_path):
 
 def _views(module, batch):
     """The (student view, teacher views) that ``training_step`` builds for ``batch``."""
-    s_view = module._view(module.student, batch, module.student_adaptors, "default")
-    if module._cache is not None:
-        return s_view, [module._cached_view(batch["index"], batch, s_view)]
-    with torch.no_grad():
-        t_views = [module._view(t, batch, module.teacher_adaptors, "default") for t in module.teachers["default"]]
-    return s_view, t_views
+    d = module.distiller
+    s_view = d.student_view(batch, *d.call_student(module.student, batch))
+    return s_view, d.teacher_views(batch, s_view)
 
 
 def test_cache_refuses_configs_it_cannot_serve(tmp_path):

@@ -89,6 +89,18 @@ def test_reader_errors_name_file_and_line(tmp_path, content, line, message):
     assert info.value.line == line and pickle.loads(pickle.dumps(info.value)).args == info.value.args
 
 
+def test_reader_checks_labels_against_num_labels(tmp_path):
+    path = write(tmp_path / "a.tsv", "sentence\tlabel\nok\t1\n\nfine\t0\nthree classes\t2\n")
+    assert read_labelled_text(path) == (["ok", "fine", "three classes"], [1, 0, 2])
+    assert read_labelled_text(path, num_labels=3)[1] == [1, 0, 2]
+    message = "Expected a label < num_labels (2) in column 'label' but got 2"
+    with pytest.raises(TextFormatError, match=f"^{re.escape(f'{path}:5: {message}')}$") as info:
+        read_labelled_text(path, num_labels=2)
+    assert info.value.line == 5
+    with pytest.raises(ValueError, match="Expected `num_labels` to be >= 1 but got 0"):
+        read_labelled_text(path, num_labels=0)
+
+
 def test_reader_rejects_an_empty_file(tmp_path):
     path = write(tmp_path / "empty.tsv", "")
     with pytest.raises(TextFormatError, match=f"^{re.escape(str(path))}: Expected a header row but got an empty file"):
@@ -175,6 +187,32 @@ def test_datamodule_errors(data_dir, tokenizer_path):
         TextClassificationDataModule(None, tokenizer=tokenizer_path)
     with pytest.raises(FileNotFoundError, match="dev.tsv"):
         TextClassificationDataModule(str(data_dir / "nowhere"), tokenizer=tokenizer_path).setup("validate")
-    write(data_dir / "dev.tsv", "sentence\tlabel\nok\t5\n")
-    with pytest.raises(ValueError, match=r"labels of .*dev.tsv to be < num_labels \(3, from .*train.tsv\) but got 5"):
+    with pytest.raises(ValueError, match="Expected `num_labels` to be >= 1 but got 0"):
+        TextClassificationDataModule(str(data_dir), tokenizer=tokenizer_path, num_labels=0)
+    # num_labels inferred from train.tsv (3): dev.tsv's labels are checked against it, with file and line
+    write(data_dir / "dev.tsv", "sentence\tlabel\nok\t1\nbad\t5\n")
+    with pytest.raises(TextFormatError, match=r"dev\.tsv:3: Expected a label < num_labels \(3\) in column 'label'"):
         TextClassificationDataModule(str(data_dir), tokenizer=tokenizer_path).setup("validate")
+
+
+def test_given_num_labels_is_checked_on_every_split_before_tokenising(data_dir):
+    # The tokenizer does not exist: reading num_labels and checking labels never load it.
+    assert TextClassificationDataModule(str(data_dir), tokenizer="no/such/tokenizer").num_labels == 3
+    dm = TextClassificationDataModule(str(data_dir), tokenizer="no/such/tokenizer", num_labels=4)
+    assert dm.num_labels == 4  # the given value, even if train.tsv has only 3 classes
+    # train.tsv's line 6 holds label 2; the whole file is checked, also with train_limit
+    two = TextClassificationDataModule(str(data_dir), tokenizer="no/such/tokenizer", num_labels=2, train_limit=2)
+    assert two.num_labels == 2
+    with pytest.raises(TextFormatError, match=r"train\.tsv:6: Expected a label < num_labels \(2\) .* but got 2$"):
+        two.setup("fit")
+    # setup("fit") also checks test.tsv, so that `fit --test_after_fit` cannot fail on it after training
+    write(data_dir / "test.tsv", "sentence\tlabel\nfine\t0\nfour\t3\n")
+    for stage in ("fit", "test", "predict"):
+        dm = TextClassificationDataModule(str(data_dir), tokenizer="no/such/tokenizer", num_labels=3)
+        with pytest.raises(TextFormatError, match=r"test\.tsv:3: Expected a label < num_labels \(3\) .* but got 3$"):
+            dm.setup(stage)
+    write(data_dir / "test.tsv", "sentence\tlabel\nfine\t0\nfour\t2\n")
+    write(data_dir / "dev.tsv", "sentence\tlabel\nfine\t3\n")
+    dm = TextClassificationDataModule(str(data_dir), tokenizer="no/such/tokenizer", num_labels=3)
+    with pytest.raises(TextFormatError, match=r"dev\.tsv:2: Expected a label < num_labels \(3\)"):
+        dm.setup("validate")

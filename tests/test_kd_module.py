@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
 from lit_kd import DistillationConfig, DistillationModule, IntermediateMatch
-from lit_kd.adaptors import ModelView, kt_adaptor
+from lit_kd.adaptors import ModelView
 from lit_kd.students import BiGRUClassifier
+from lit_kt import kt_adaptor
 
 VOCAB, LEN = 40, 7
 
@@ -109,9 +110,9 @@ def test_loss_is_the_weighted_sum_of_independently_computed_terms():
     teacher, student = bert(4, 16, 0).eval(), bert(2, 8, 1).eval()
     module = DistillationModule(teacher, student, matches_config()).eval()
     b = batches(1)[0]
-    s_view = module._view(student, b, module.student_adaptors, "default")
-    with torch.no_grad():
-        t_view = module._view(teacher, b, module.teacher_adaptors, "default")
+    d = module.distiller
+    s_view = d.student_view(b, *d.call_student(student, b))
+    (t_view,) = d.teacher_views(b)
     terms = module.loss_terms(s_view, [t_view], progress=0.0)
     assert set(terms) == {"kd", "hard", "match/hidden_2_4_hidden_mse", "match/attention_1_3_attention_ce"}
     T = 2.0
@@ -220,12 +221,16 @@ def test_several_teachers_average_logits_or_probabilities():
     t1, t2, s = bert(2, 8, 0), bert(2, 8, 1), bert(2, 8, 2)
     z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
     views = [ModelView(logits=z1), ModelView(logits=z2)]
-    by_logits = DistillationModule([t1, t2], s, teacher_reduce="logits")._teacher_logits(views, 2.0, binary=False)
+    by_logits = DistillationModule([t1, t2], s, teacher_reduce="logits").distiller._teacher_logits(
+        views, 2.0, binary=False
+    )
     torch.testing.assert_close(by_logits, (z1 + z2) / 2)
-    by_probs = DistillationModule([t1, t2], s, teacher_reduce="probs")._teacher_logits(views, 2.0, binary=False)
+    by_probs = DistillationModule([t1, t2], s, teacher_reduce="probs").distiller._teacher_logits(
+        views, 2.0, binary=False
+    )
     torch.testing.assert_close(F.softmax(by_probs / 2.0, -1), (F.softmax(z1 / 2, -1) + F.softmax(z2 / 2, -1)) / 2)
     b1, b2 = torch.randn(4, 5), torch.randn(4, 5)
-    binary = DistillationModule([t1, t2], s, teacher_reduce="probs")._teacher_logits(
+    binary = DistillationModule([t1, t2], s, teacher_reduce="probs").distiller._teacher_logits(
         [ModelView(logits=b1), ModelView(logits=b2)], 2.0, binary=True
     )
     torch.testing.assert_close(torch.sigmoid(binary / 2), (torch.sigmoid(b1 / 2) + torch.sigmoid(b2 / 2)) / 2)

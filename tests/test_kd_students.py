@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
+from lit_kd.factories import bert_student, bigru_student, pretrained_classifier
 from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, minilm_path
 
 
@@ -149,3 +150,12 @@ def test_bigru_embeddings_from_minilm(minilm):
     model = BiGRUClassifier(vocab_size=minilm.config.vocab_size, embedding_dim=384)
     model.init_embeddings_from(minilm.get_input_embeddings())
     assert torch.equal(model.embedding.weight, minilm.get_input_embeddings().weight)
+
+
+def test_factories_num_labels(minilm):
+    assert pretrained_classifier("all-MiniLM-L6-v2", num_labels=3).classifier.out_features == 3
+    assert pretrained_classifier("all-MiniLM-L6-v2").config.num_labels == minilm.config.num_labels == 2  # its own
+    assert bert_student("all-MiniLM-L6-v2", layers=[0], num_labels=4).classifier.out_features == 4
+    assert bigru_student("all-MiniLM-L6-v2", num_labels=3, hidden_size=4).classifier.out_features == 3
+    with pytest.raises(ValueError, match="Expected `num_labels` to be the number of classes but got None; lit-kd"):
+        bigru_student("all-MiniLM-L6-v2")
