@@ -323,7 +323,9 @@ class Distiller(nn.Module):
         feats_s = [self._feature(s_view, match, i, "student") for i in match.layers_s]
         feats_t = [self._feature(t_view, match, i, "teacher") for i in match.layers_t]
         if match.projection is not None:
-            feats_s = [self.projections[match.name](f) for f in feats_s]
+            projection = self.projections[match.name]
+            dtype = projection[0].weight.dtype  # float32, or the module's under `*-true` precision
+            feats_s = [projection(f.to(dtype)).float() for f in feats_s]
         mask = s_view.input_mask
         mask = None if mask is None else mask.bool()
         fn = match.loss_fn()

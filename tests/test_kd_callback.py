@@ -287,3 +287,33 @@ def test_two_process_ddp_keeps_replicas_and_teacher_in_step(tmp_path):
         assert torch.equal(value, extras[1]["projections"][key]), key  # gradients averaged over the processes
     assert not torch.equal(extras[0]["projections"]["enc.0.weight"], extras[0]["projections0"]["enc.0.weight"])
     assert ranks[0][0]["losses"] != ranks[1][0]["losses"]  # each process saw its own shard
+
+
+class CallsItself(MyModule):
+    """A user module whose training_step calls ``self(batch)``: the LightningModule itself is the student."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch), batch["y"])
+
+
+def test_the_lightning_module_itself_as_the_student_and_bf16_true_precision(tmp_path):
+    teacher, module = tiny_teacher(), CallsItself(lr=1.0)
+    net0 = copy.deepcopy(module.net)
+    callback = DistillationCallback(teacher, DistillationConfig(temperature=2.0), teacher_inputs=TEACHER_INPUTS)
+    trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, UserData(n=4))
+    batch = Samples(4)[0:4]
+    with torch.no_grad():
+        z_t = copy.deepcopy(teacher).eval()(input_ids=batch["ids"], attention_mask=batch["attn"]).logits
+    z_s = net0(batch["ids"], batch["attn"])
+    kd = 4.0 * -(F.softmax(z_t / 2, -1) * F.log_softmax(z_s / 2, -1)).sum(-1).mean()
+    (F.cross_entropy(z_s, batch["y"]) + kd).backward()
+    for name, p in module.net.named_parameters():
+        torch.testing.assert_close(p, dict(net0.named_parameters())[name] - dict(net0.named_parameters())[name].grad)
+
+    teacher = tiny_teacher()
+    callback = DistillationCallback(teacher, match_config(), student_module="net", teacher_inputs=TEACHER_INPUTS)
+    t = trainer(tmp_path, max_steps=1, callbacks=[callback], precision="bf16-true")
+    t.fit(MyModule(lr=0.1), UserData(n=4))
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # moved with the module to its precision
+    assert callback.distiller.projections["enc"][0].weight.dtype == torch.bfloat16
+    assert torch.isfinite(t.callback_metrics["train/match/enc"])
