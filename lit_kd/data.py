@@ -14,6 +14,11 @@ With a ``student_tokenizer`` (teacher and student read different vocabularies) t
 ``attention_mask`` (/ ``token_type_ids``), padded to the longest sequence *of that part*, plus a copy of ``labels``,
 so that either part can be passed straight to a Hugging Face model (``model(**batch["teacher"])``) which then also
 returns its loss.
+
+With a transfer set (``TextClassificationDataModule(transfer_file=..., transfer_augment=...)``) every training batch
+also holds unlabelled rows: their ``labels`` are ``-100`` (:data:`UNLABELLED`), so the distillation (KD) term reads
+them while every hard-label loss ignores them (``ignore_index=-100`` of ``F.cross_entropy``, and
+:class:`~lit_kd.distiller.Distiller`'s hard-label term counts labelled rows only).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +42,11 @@ from lit_kd._files import FileFormatError, csv_rows, distributed_eval_sampler
 from lit_kd.students import resolve_name_or_path
 
 __all__ = [
+    "UNLABELLED",
     "TextClassificationDataModule",
+    "TransferMixDataset",
+    "augment_sentence",
+    "read_unlabelled_text",
     "TextFormatError",
     "TokenizedTextDataset",
     "collate_text",
@@ -47,6 +57,8 @@ __all__ = [
 _INT = re.compile(r"[+-]?[0-9]+")
 _DELIMITERS = {".tsv": "\t", ".csv": ","}
 _ENCODING_KEYS = ("input_ids", "token_type_ids")
+UNLABELLED = -100
+"""The label of transfer-set rows: ``F.cross_entropy``'s default ``ignore_index``, so no hard-label loss reads them."""
 
 
 class TextFormatError(FileFormatError):
@@ -155,6 +167,78 @@ def read_labelled_text(
     return texts, labels
 
 
+def read_unlabelled_text(path: str | os.PathLike[str], text_col: str = "sentence") -> list[str]:
+    """Reads the sentences of a transfer set: a ``.tsv``/``.csv`` table with a header naming ``text_col`` (any other
+    column, labels included, is ignored), or any other file as one sentence per line (UTF-8).
+
+    Blank lines are skipped; an empty text field in a table is an error.
+
+    Raises:
+        TextFormatError: If the table lacks ``text_col``, a row's field count differs from the header's, a text is
+            empty, or the file holds no sentence; the message names the file and the line.
+    """
+    suffix = Path(path).suffix.lower()
+    texts: list[str] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if suffix not in _DELIMITERS:
+            texts = [line.strip() for line in f if line.strip()]
+        else:
+            delimiter = _DELIMITERS[suffix]
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+            header = next((row for row in reader if row), None)
+            if header is None or text_col not in [h.strip() for h in header]:
+                raise TextFormatError(
+                    path, reader.line_num or None, f"Expected a header with column {text_col!r} but got {header}"
+                )
+            at = [h.strip() for h in header].index(text_col)
+            for row in csv_rows(reader, path, TextFormatError):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise TextFormatError(
+                        path, reader.line_num, f"Expected {len(header)} fields (as in the header) but got {len(row)}"
+                    )
+                if not row[at].strip():
+                    raise TextFormatError(path, reader.line_num, f"Expected a non-empty text in column {text_col!r}")
+                texts.append(row[at].strip())
+    if not texts:
+        raise TextFormatError(path, None, "Expected at least one sentence but got none")
+    return texts
+
+
+def augment_sentence(sentence: str, rng: random.Random, vocabulary: Sequence[str], p: float = 0.1) -> str:
+    """A noisy copy of a sentence for a transfer set (no model, no download): each word is dropped with probability
+    ``p`` or replaced by a random word of ``vocabulary`` with probability ``p``, then one pair of neighbouring words
+    is swapped with probability ``p``. The teacher labels the copy; its label is never used.
+
+    Args:
+        sentence: Whitespace-separated words.
+        rng: The random source (seed it for reproducible copies).
+        vocabulary: Words to draw replacements from (e.g. every word of the training sentences).
+        p: Probability of each edit.
+
+    Returns:
+        The copy (never empty: a sentence whose words were all dropped keeps its first word).
+
+    Example:
+        >>> augment_sentence("a fine film", random.Random(0), ["dull"], p=0.0)
+        'a fine film'
+    """
+    words = sentence.split()
+    out = []
+    for word in words:
+        draw = rng.random()
+        if draw < p:
+            continue
+        out.append(rng.choice(vocabulary) if draw < 2 * p else word)
+    out = out or words[:1]
+    if len(out) > 1 and rng.random() < p:
+        i = rng.randrange(len(out) - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+    return " ".join(out)
+
+
 class TokenizedTextDataset(Dataset):
     """Token ids and labels of one split, each item a dict of plain Python lists and ints.
 
@@ -202,6 +286,45 @@ class TokenizedTextDataset(Dataset):
         return item
 
 
+class TransferMixDataset(Dataset):
+    """Labelled training samples, each paired with ``per_sample`` rows of an unlabelled transfer set.
+
+    Item ``i`` is a list: labelled sample ``i`` first, then its transfer rows (label :data:`UNLABELLED`, index
+    ``len(labelled) + j`` for transfer row ``j``); :func:`collate_text` flattens the lists. The pairing is a seeded
+    permutation of the transfer set, fixed for the run: with ``per_sample = ceil(len(transfer) / len(labelled))``
+    every transfer row is used once per epoch. The labelled samples, their order and their batches are those of the
+    labelled dataset alone (the same sampler draws them), so a run without the transfer set sees the same labelled
+    batches.
+
+    Args:
+        labelled: The labelled training samples.
+        transfer: The transfer rows (their labels are ignored).
+        per_sample: Transfer rows per labelled sample, >= 1.
+        seed: Seed of the pairing.
+    """
+
+    def __init__(
+        self, labelled: TokenizedTextDataset, transfer: TokenizedTextDataset, per_sample: int = 1, seed: int = 0
+    ) -> None:
+        if per_sample < 1:
+            raise ValueError(f"Expected `per_sample` to be >= 1 but got {per_sample}.")
+        if len(transfer) == 0:
+            raise ValueError("Expected a non-empty transfer set but got 0 rows.")
+        self.labelled, self.transfer, self.per_sample = labelled, transfer, per_sample
+        self.order = torch.randperm(len(transfer), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        items = [self.labelled[index]]
+        for k in range(self.per_sample):
+            j = self.order[(index * self.per_sample + k) % len(self.order)]
+            row = self.transfer[j]
+            items.append({**row, "label": UNLABELLED, "index": len(self.labelled) + j})
+        return items
+
+
 def pad_encodings(encodings: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pads token-id lists to the longest one and builds the attention mask.
 
@@ -243,6 +366,8 @@ def collate_text(
         A flat batch, or ``{"teacher": ..., "student": ..., "labels", "index"}`` when the items carry a student
         encoding.
     """
+    if items and isinstance(items[0], list):  # TransferMixDataset: a labelled sample and its transfer rows
+        items = [item for group in items for item in group]
     labels = torch.tensor([item["label"] for item in items], dtype=torch.long)  # (B,)
     index = torch.tensor([item["index"] for item in items], dtype=torch.long)  # (B,)
     teacher = pad_encodings([item["encoding"] for item in items], pad_token_id)
@@ -296,6 +421,16 @@ class TextClassificationDataModule(L.LightningDataModule):
         label_col: Column holding the integer label (``0 .. num_labels - 1``).
         num_labels: Number of classes of the model; every label of every split must be below it. ``None``: inferred
             from ``train.tsv``. ``lit-kd`` links it with the model's ``num_labels`` (see :mod:`lit_kd.cli`).
+        transfer_file: A transfer set for distillation: unlabelled sentences (a ``.tsv``/``.csv`` with ``text_col``,
+            labels ignored, or one sentence per line; see :func:`read_unlabelled_text`). Training batches then also
+            hold transfer rows, labelled :data:`UNLABELLED`: the teacher labels them for the KD term, no hard-label
+            loss reads them. ``None`` for none.
+        transfer_augment: Also add this many noisy copies of every (used) training sentence to the transfer set
+            (:func:`augment_sentence`: word dropout, replacement from the training vocabulary, a swap); 0 for none.
+        transfer_per_sample: Transfer rows per labelled sample in a training batch (a batch holds ``batch_size``
+            labelled and ``batch_size * transfer_per_sample`` transfer rows); ``None`` for enough to use every
+            transfer row once per epoch.
+        transfer_seed: Seed of the augmentation and of the pairing of transfer rows with labelled samples.
 
     Example:
         >>> dm = TextClassificationDataModule("../shared/data/nlp/sst2", tokenizer=minilm_path())  # doctest: +SKIP
@@ -318,6 +453,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         text_col: str = "sentence",
         label_col: str = "label",
         num_labels: int | None = None,
+        transfer_file: str | None = None,
+        transfer_augment: int = 0,
+        transfer_per_sample: int | None = 1,
+        transfer_seed: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)):
@@ -330,6 +469,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             ("num_workers", num_workers, 0),
             ("train_limit", train_limit, 1),
             ("num_labels", num_labels, 1),
+            ("transfer_augment", transfer_augment, 0),
+            ("transfer_per_sample", transfer_per_sample, 1),
         ):
             if value is not None and value < least:
                 raise ValueError(f"Expected `{name}` to be >= {least} but got {value}.")
@@ -338,6 +479,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self._texts: dict[str, tuple[list[str], list[int]]] = {}
         self._datasets: dict[str, TokenizedTextDataset] = {}
         self._num_labels: int | None = num_labels
+        self._transfer: TokenizedTextDataset | None = None
 
     # ------------------------------------------------------------------ loading
     def load_tokenizer(self, part: Literal["teacher", "student"] = "teacher") -> PreTrainedTokenizerBase:
@@ -404,6 +546,43 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._datasets[key] = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)
         return self._datasets[key]
 
+    @property
+    def has_transfer_set(self) -> bool:
+        """Whether training batches carry transfer rows (``transfer_file`` or ``transfer_augment``)."""
+        return self.hparams.transfer_file is not None or self.hparams.transfer_augment > 0
+
+    def transfer_dataset(self) -> TokenizedTextDataset:
+        """The tokenised transfer set (built on first use): ``transfer_file``'s sentences, then the augmented copies
+        of the used training sentences; every label :data:`UNLABELLED`.
+
+        Raises:
+            ValueError: If there is no transfer set (see :attr:`has_transfer_set`).
+        """
+        if not self.has_transfer_set:
+            raise ValueError("Expected `transfer_file` or `transfer_augment` > 0 for a transfer set but got neither.")
+        if self._transfer is None:
+            h = self.hparams
+            texts = read_unlabelled_text(h.transfer_file, h.text_col) if h.transfer_file is not None else []
+            if h.transfer_augment:
+                train = self._read("train")[0][: h.train_limit]
+                rng = random.Random(h.transfer_seed)
+                vocabulary = sorted({w for t in train for w in t.split()})
+                texts += [augment_sentence(t, rng, vocabulary) for _ in range(h.transfer_augment) for t in train]
+            student = self._tokenize(texts, "student") if h.student_tokenizer is not None else None
+            labels = [UNLABELLED] * len(texts)
+            self._transfer = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)
+        return self._transfer
+
+    def train_dataset(self) -> Dataset:
+        """What training batches are drawn from: the labelled training split, paired with its transfer rows when
+        there is a transfer set (:class:`TransferMixDataset`)."""
+        labelled = self.dataset("train")
+        if not self.has_transfer_set:
+            return labelled
+        transfer = self.transfer_dataset()
+        per_sample = self.hparams.transfer_per_sample or -(-len(transfer) // len(labelled))
+        return TransferMixDataset(labelled, transfer, per_sample, self.hparams.transfer_seed)
+
     # ------------------------------------------------------------------ derived sizes
     @property
     def num_labels(self) -> int:
@@ -440,6 +619,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._read(split)
         for split in splits:
             self.dataset(split)
+        if "train" in splits and self.has_transfer_set:
+            self.transfer_dataset()
 
     def _loader(self, split: Literal["train", "val", "test"]) -> DataLoader:
         h = self.hparams
@@ -448,7 +629,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             pad_token_id=self.load_tokenizer("teacher").pad_token_id,
             student_pad_token_id=self.load_tokenizer("student").pad_token_id,
         )
-        dataset = self.dataset(split)
+        dataset = self.train_dataset() if split == "train" else self.dataset(split)
         return DataLoader(
             dataset,
             batch_size=h.batch_size if split == "train" or h.eval_batch_size is None else h.eval_batch_size,
