@@ -58,7 +58,13 @@ def pretrained_classifier(
 
 
 def bert_student(
-    name_or_path: str, layers: list[int], num_labels: int | None = None, checkpoint: str | None = None
+    name_or_path: str,
+    layers: list[int],
+    num_labels: int | None = None,
+    checkpoint: str | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
 ) -> nn.Module:
     """A smaller BERT initialised from chosen layers of a (fine-tuned) teacher (e.g. ``[0, 5]`` of 6).
 
@@ -68,8 +74,13 @@ def bert_student(
         num_labels: Classes of the classification head; ``None`` for the model config's own. ``lit-kd`` links it from
             the data.
         checkpoint: A Lightning checkpoint of the fine-tuned teacher (``ClassifierModule``) to start from.
+        hidden_size: A narrower student (e.g. 256): fresh blocks, embeddings projected from the teacher's
+            (:func:`~lit_kd.students.build_bert_student`); ``None`` for the teacher's width.
+        intermediate_size: The student's feed-forward width; ``None`` for the teacher's.
+        num_attention_heads: The student's attention heads; ``None`` for the teacher's.
     """
-    return build_bert_student(pretrained_classifier(name_or_path, num_labels, checkpoint), layers)
+    teacher = pretrained_classifier(name_or_path, num_labels, checkpoint)
+    return build_bert_student(teacher, layers, hidden_size, intermediate_size, num_attention_heads)
 
 
 def bigru_student(

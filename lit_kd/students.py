@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["BiGRUClassifier", "build_bert_student", "load_teacher", "minilm_path"]
+__all__ = ["BiGRUClassifier", "build_bert_student", "load_teacher", "minilm_path", "project_embeddings"]
 
 # Where BERT-like architectures keep their list of transformer blocks, relative to ``model.base_model``.
 _LAYER_LISTS = ("encoder.layer", "transformer.layer")
@@ -217,8 +217,11 @@ def build_bert_student(
     teacher's dtype, device and train/eval mode. The teacher is not modified.
 
     With a different width (``hidden_size``, ``intermediate_size`` or ``num_attention_heads`` not ``None`` and not
-    the teacher's) no weight fits, so nothing is copied: the student is freshly initialised and ``layers`` only sets
-    its depth (and records which teacher block each student block mirrors, for layer-wise losses).
+    the teacher's) the blocks cannot be copied: they are freshly initialised and ``layers`` only sets the depth (and
+    records which teacher block each student block mirrors, for layer-wise losses). The embedding tables (words,
+    positions, token types) still start from the teacher's, projected onto their ``hidden_size`` leading principal
+    directions (:func:`project_embeddings`), which keeps most of what the teacher's vocabulary encodes in a narrower
+    table (a narrower ``hidden_size`` is where most of a small BERT's parameters go: 30522 x 384 of MiniLM's 22.7 M).
 
     Args:
         teacher: A BERT-like ``transformers`` model (blocks in ``base_model.encoder.layer``, or
@@ -284,7 +287,47 @@ def build_bert_student(
             for key, value in teacher_layers[t].state_dict().items():
                 state[f"{name}.{i}.{key}"] = value
         student.load_state_dict(state, strict=True)
+    elif config.hidden_size != teacher.config.hidden_size:
+        _project_embedding_tables(teacher, student)
     return student.to(device=teacher.device, dtype=teacher.dtype).train(teacher.training)
+
+
+def project_embeddings(weight: Tensor, dim: int) -> Tensor:
+    """A (N, D) embedding table projected onto its ``dim`` leading principal directions: (N, dim) (zeros beyond the
+    table's rank when it has fewer than ``dim`` rows).
+
+    ``(weight - mean) @ V[:, :dim]`` with ``V`` the right singular vectors of the centred table, rescaled so that the
+    projected rows keep the original rows' mean squared norm (the student's LayerNorm and attention see activations
+    of the usual size).
+
+    Raises:
+        ValueError: If ``dim`` is not in [1, D].
+    """
+    n, d = weight.shape
+    if not 1 <= dim <= d:
+        raise ValueError(f"Expected `dim` to be in [1, {d}] (the table's width) but got {dim}.")
+    w = weight.detach().float()
+    centred = w - w.mean(0, keepdim=True)  # (N, D)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (min(N, D), D)
+    k = min(dim, vh.shape[0])  # a table of fewer rows than `dim` (token types: 2) spans only k directions
+    projected = w.new_zeros(n, dim)
+    projected[:, :k] = centred @ vh[:k].T  # (N, k)
+    scale = (w.pow(2).sum(1).mean() / projected.pow(2).sum(1).mean().clamp_min(1e-12)).sqrt()
+    return (projected * scale).to(weight.dtype)
+
+
+def _project_embedding_tables(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """Initialise the student's embedding tables from the teacher's, projected to the student's width."""
+    base_t, base_s = teacher.base_model, student.base_model
+    emb_t, emb_s = getattr(base_t, "embeddings", None), getattr(base_s, "embeddings", None)
+    if emb_t is None or emb_s is None:
+        return
+    with torch.no_grad():
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            table_t, table_s = getattr(emb_t, name, None), getattr(emb_s, name, None)
+            if isinstance(table_t, nn.Embedding) and isinstance(table_s, nn.Embedding):
+                if table_t.num_embeddings == table_s.num_embeddings:
+                    table_s.weight.copy_(project_embeddings(table_t.weight, table_s.embedding_dim))
 
 
 def load_teacher(

@@ -101,6 +101,7 @@ def test_student_with_every_layer_is_the_teacher(tiny_teacher):
 def test_narrower_student_is_fresh(tiny_teacher):
     student = build_bert_student(tiny_teacher, [1, 3], hidden_size=8, intermediate_size=16)
     assert student.config.hidden_size == 8 and student.config.num_hidden_layers == 2
+    assert student.bert.embeddings.token_type_embeddings.weight[:, 2:].abs().max() == 0  # 2 rows: rank <= 2
     assert student(torch.tensor([[1, 5, 2]])).logits.shape == (1, 3)
 
 
@@ -159,3 +160,38 @@ def test_factories_num_labels(minilm):
     assert bigru_student("all-MiniLM-L6-v2", num_labels=3, hidden_size=4).classifier.out_features == 3
     with pytest.raises(ValueError, match="Expected `num_labels` to be the number of classes but got None; lit-kd"):
         bigru_student("all-MiniLM-L6-v2")
+
+
+def test_project_embeddings_keeps_the_leading_principal_directions():
+    from lit_kd.students import project_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 3, generator=g))[0]  # (12, 3) orthonormal
+    table = 5.0 + torch.randn(200, 3, generator=g) @ basis.T  # rank-3 rows around an offset, (200, 12)
+    projected = project_embeddings(table, 3)  # (200, 3)
+    # Rank 3 in 12 dims: pairwise distances survive the projection up to the single rescaling factor.
+    off = ~torch.eye(200, dtype=torch.bool)
+    exact = "donot_use_mm_for_euclid_dist"
+    ratio = (
+        torch.cdist(projected, projected, compute_mode=exact)[off] / torch.cdist(table, table, compute_mode=exact)[off]
+    )
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(projected.pow(2).sum(1).mean(), table.pow(2).sum(1).mean())  # the rows' size kept
+    with pytest.raises(ValueError, match=r"`dim` to be in \[1, 12\]"):
+        project_embeddings(table, 13)
+
+
+def test_a_narrower_bert_student_starts_from_the_teachers_projected_embeddings():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lit_kd.students import build_bert_student, project_embeddings
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    )
+    student = build_bert_student(teacher, [0, 2], hidden_size=16, intermediate_size=32, num_attention_heads=2)
+    assert (student.config.hidden_size, student.config.num_hidden_layers) == (16, 2)
+    words_t = teacher.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(student.bert.embeddings.word_embeddings.weight, project_embeddings(words_t, 16))
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
