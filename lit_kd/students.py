@@ -294,18 +294,18 @@ def build_bert_student(
 
 def project_embeddings(weight: Tensor, dim: int) -> Tensor:
     """A (N, D) embedding table projected onto its ``dim`` leading principal directions: (N, dim) (zeros beyond the
-    table's rank when it has fewer than ``dim`` rows).
+    table's rank, e.g. for a table of fewer than ``dim`` rows or narrower than ``dim``).
 
     ``(weight - mean) @ V[:, :dim]`` with ``V`` the right singular vectors of the centred table, rescaled so that the
     projected rows keep the original rows' mean squared norm (the student's LayerNorm and attention see activations
     of the usual size).
 
     Raises:
-        ValueError: If ``dim`` is not in [1, D].
+        ValueError: If ``dim`` is < 1.
     """
     n, d = weight.shape
-    if not 1 <= dim <= d:
-        raise ValueError(f"Expected `dim` to be in [1, {d}] (the table's width) but got {dim}.")
+    if dim < 1:
+        raise ValueError(f"Expected `dim` to be >= 1 but got {dim}.")
     w = weight.detach().float()
     centred = w - w.mean(0, keepdim=True)  # (N, D)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)  # vh: (min(N, D), D)

@@ -1,31 +1,36 @@
-"""Distil a fine-tuned teacher into a small student on a sentence-classification task; compare with no distillation.
+"""Distil a fine-tuned teacher into a small student on a sentence-classification task; compare with no distillation,
+over several seeds.
 
-    python scripts/bench_kd.py --data-dir ../shared/data/nlp/sst2 --student 2layer --json /tmp/kd/bench_2layer.json
+    python scripts/bench_kd.py --data-dir ../shared/data/nlp/sst2 --student 2layer --json out/sst2_2layer.json
 
 Steps:
 
 1. Teacher: ``--teacher`` (default all-MiniLM-L6-v2, :func:`~lit_kd.students.minilm_path`) with a fresh
    classification head, fine-tuned with :class:`~lit_kd.finetune.ClassifierModule` for ``--teacher-steps`` steps and
-   saved (``save_pretrained`` + tokenizer) in ``--teacher-ckpt-dir``. When that folder already holds a teacher
-   fine-tuned by this script from the same ``--teacher``, it is loaded instead (``teacher_reused`` in the output;
-   ``teacher_steps`` is then the number it was trained for).
-2. Student, built from the fine-tuned teacher so that both student runs start from the same weights:
-   ``2layer``: :func:`~lit_kd.students.build_bert_student` with teacher blocks ``[0, 5]`` (embeddings, pooler and
-   head copied too); ``bigru``: :class:`~lit_kd.students.BiGRUClassifier` reading the teacher's token ids, with
-   ``embedding_dim`` equal to the teacher's width so that its embedding table starts as a copy of the teacher's word
-   embeddings (``init_embeddings_from``): a few hundred steps cannot learn 30k word vectors from scratch.
-3. The student trains ``--steps`` steps twice from that initialisation, with the same seed and the same batches (a
-   seeded sampler): without distillation (cross-entropy on the labels, ``ClassifierModule``) and with it
-   (``DistillationModule``: soft cross-entropy at ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight``
-   times the label cross-entropy, plus for ``2layer`` ``--hidden-weight`` times the MSE between the student's last
-   hidden state and the teacher's, ``layer_s=2``/``layer_t=6``, same width so no projection).
-4. Teacher and both students are evaluated once, at the end, on ``dev.tsv`` accuracy. Nothing is selected on the
-   dev set: the distillation settings below were fixed before any dev result was seen (see docs in the code).
+   saved (``save_pretrained`` + tokenizer) in ``--teacher-ckpt-dir``. A teacher saved there is reused only when it
+   was fine-tuned by this script from the same ``--teacher``, with the same labels and on the same training data (a
+   SHA-256 fingerprint of the training rows it read); otherwise the run stops and says so (``--retrain-teacher``
+   fine-tunes it again in place). ``teacher_reused`` in the output.
+2. For each of ``--seeds`` seeds (``--seed``, ``--seed`` + 1, ...), the student is built (``2layer``: teacher blocks
+   ``[0, 5]`` with embeddings, pooler and head copied; ``small``: 4 blocks 256 wide, fresh, embeddings projected
+   from the teacher's (:func:`~lit_kd.students.project_embeddings`); ``bigru``: a BiGRU whose embeddings start as the
+   teacher's word embeddings) and trained twice for ``--steps`` optimizer steps from the same initialisation on the
+   same labelled batches (a seeded sampler; checked by a hash of the labelled sample indices): without distillation
+   (cross-entropy on the labels, ``ClassifierModule``) and with it (``DistillationModule``: soft cross-entropy at
+   ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` times the label cross-entropy, plus for the BERT
+   students ``--hidden-weight`` times the MSE between the student's last hidden state and the teacher's, with a
+   linear projection for ``small``). With a transfer set (``--transfer-augment K``: K noisy copies of every training
+   sentence; ``--transfer-file F``: unlabelled sentences) each KD batch also carries ``--transfer-per-sample``
+   unlabelled rows per labelled row, read by the KD term only; the student alone never sees them. Both runs take the
+   same number of optimizer steps on the same labelled rows.
+3. Every model is evaluated once, at the end, on ``dev.tsv`` (or, with ``--carve-dev N``, on the last N rows of
+   ``train.tsv``, held out from every training run: a second split for checking settings chosen on SST-2).
 
-Prints and writes (``--json``) ``{"teacher_acc", "student_acc_no_kd", "student_acc_kd", "steps", "kd_step_s",
-"student_step_s", ...}``: ``*_step_s`` are mean seconds per training step (forward, backward and optimizer step,
-the first ``--timing-warmup`` steps left out; data loading and evaluation excluded); ``seconds`` is the whole
-run's wall time, teacher fine-tuning included.
+Prints and writes (``--json``): ``teacher_acc``; ``student_acc_no_kd`` and ``student_acc_kd`` (means over seeds),
+``student_acc_no_kd_seeds``/``student_acc_kd_seeds`` (per seed) and their standard deviations; ``kd_gain`` (mean of
+KD - no KD) and ``kd_gain_se`` (its standard error, from the per-seed paired differences); ``retention`` (KD student
+/ teacher); step times (``*_step_s``: mean seconds per training step, the first ``--timing-warmup`` left out) and
+``seconds`` (the whole run, teacher fine-tuning included).
 
 ``--threads`` defaults to 1: on a small CPU shared with other jobs, two intra-op threads competing with another
 process's threads for two cores made training steps 5-10 times slower than one thread did (measured on the 2-core
@@ -39,6 +44,8 @@ import copy
 import hashlib
 import json
 import logging
+import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -55,7 +62,8 @@ from lit_kd.finetune import ClassifierModule
 from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, minilm_path
 
 TEACHER_META = "bench_kd_teacher.json"  # written last: a folder without it holds no complete teacher
-STUDENT_LR = {"2layer": 1e-4, "bigru": 2e-3}
+STUDENT_LR = {"2layer": 1e-4, "small": 5e-4, "bigru": 2e-3}
+SMALL = {"layers": [0, 2, 3, 5], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4}
 
 
 class StepTimer(L.Callback):
@@ -72,7 +80,8 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._start)
-        self.indices.update(batch["index"].numpy().tobytes())
+        labelled = batch["labels"] >= 0  # transfer-set rows (label -100) are not part of the labelled batches
+        self.indices.update(batch["index"][labelled].cpu().numpy().tobytes())
 
     @property
     def mean(self) -> float:
@@ -119,18 +128,21 @@ def optimizer_and_schedule(lr: float, steps: int, warmup_fraction: float) -> tup
     )
 
 
-def train_loader(data: TextClassificationDataModule, a: argparse.Namespace) -> DataLoader:
-    """Training batches in an order fixed by ``--seed`` alone, whatever else draws random numbers."""
+def train_loader(data: TextClassificationDataModule, seed: int, batch_size: int, transfer: bool) -> DataLoader:
+    """Training batches in an order fixed by ``seed`` alone, whatever else draws random numbers; with ``transfer``
+    each labelled sample brings its transfer rows (the labelled batches are the same either way)."""
     return DataLoader(
-        data.dataset("train"),
-        batch_size=a.batch_size,
+        data.train_dataset() if transfer else data.dataset("train"),
+        batch_size=batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(a.seed),
+        generator=torch.Generator().manual_seed(seed),
         collate_fn=partial(collate_text, pad_token_id=data.load_tokenizer().pad_token_id),
     )
 
 
-def fit(name: str, module: L.LightningModule, data: TextClassificationDataModule, steps: int, a) -> StepTimer:
+def fit(
+    name: str, module: L.LightningModule, data: TextClassificationDataModule, steps: int, a, seed: int, transfer=False
+) -> StepTimer:
     timer = StepTimer(a.timing_warmup)
     validate = a.eval_every > 0
     trainer = L.Trainer(
@@ -147,8 +159,9 @@ def fit(name: str, module: L.LightningModule, data: TextClassificationDataModule
         check_val_every_n_epoch=None if validate else 1,
         callbacks=[timer, Printer(name, a.log_every, timer)],
     )
-    L.seed_everything(a.seed, verbose=False)
-    trainer.fit(module, train_loader(data, a), data.val_dataloader() if validate else None)
+    L.seed_everything(seed, verbose=False)
+    loader = train_loader(data, seed, a.batch_size, transfer)
+    trainer.fit(module, loader, data.val_dataloader() if validate else None)
     return timer
 
 
@@ -164,15 +177,34 @@ def teacher_is_saved(folder: Path) -> bool:
     return (folder / TEACHER_META).is_file() and (folder / "config.json").is_file()
 
 
+def data_fingerprint(data: TextClassificationDataModule) -> str:
+    """SHA-256 of the training rows the teacher reads (texts and labels, after ``--train-limit``)."""
+    texts, labels = data._read("train")
+    limit = data.hparams.train_limit
+    digest = hashlib.sha256()
+    for text, label in zip(texts[:limit], labels[:limit]):
+        digest.update(f"{label}\t{text}\n".encode())
+    return digest.hexdigest()
+
+
 def get_teacher(a: argparse.Namespace, data: TextClassificationDataModule) -> tuple[nn.Module, dict]:
-    """Load the fine-tuned teacher from ``--teacher-ckpt-dir``, or fine-tune ``--teacher`` and save it there."""
+    """Load the fine-tuned teacher from ``--teacher-ckpt-dir``, or fine-tune ``--teacher`` and save it there.
+
+    Raises:
+        ValueError: If the saved teacher was fine-tuned from another model, for other labels or on other data (and
+            ``--retrain-teacher`` is not given).
+    """
     folder, num_labels = Path(a.teacher_ckpt_dir), data.num_labels
-    if teacher_is_saved(folder):
+    fingerprint = data_fingerprint(data)
+    if teacher_is_saved(folder) and not a.retrain_teacher:
         meta = json.loads((folder / TEACHER_META).read_text())
-        if meta["teacher"] != a.teacher or meta["num_labels"] != num_labels:
+        saved = (meta["teacher"], meta["num_labels"], meta.get("data_fingerprint"))
+        if saved != (a.teacher, num_labels, fingerprint):
             raise ValueError(
-                f"Expected {folder} to hold a fine-tuned {a.teacher!r} with {num_labels} labels but it holds"
-                f" {meta['teacher']!r} with {meta['num_labels']}; pass another `--teacher-ckpt-dir`."
+                f"Expected {folder} to hold {a.teacher!r} fine-tuned for {num_labels} labels on the training data of"
+                f" {a.data_dir} (fingerprint {fingerprint[:12]}) but it holds {meta['teacher']!r} for"
+                f" {meta['num_labels']} labels on data {str(meta.get('data_fingerprint'))[:12]}; pass another"
+                " `--teacher-ckpt-dir` or `--retrain-teacher`."
             )
         print(f"[teacher] reusing {folder} ({meta['teacher_steps']} fine-tuning steps)", flush=True)
         return load_teacher(str(folder), num_labels).eval(), {**meta, "teacher_reused": True}
@@ -183,13 +215,14 @@ def get_teacher(a: argparse.Namespace, data: TextClassificationDataModule) -> tu
     teacher = load_teacher(a.teacher, num_labels).train()
     optimizer, schedule = optimizer_and_schedule(a.teacher_lr, a.teacher_steps, a.warmup_fraction)
     module = ClassifierModule(teacher, num_labels, optimizer=optimizer, lr_scheduler=schedule)
-    timer = fit("teacher", module, data, a.teacher_steps, a)
+    timer = fit("teacher", module, data, a.teacher_steps, a, a.seed)
     folder.mkdir(parents=True, exist_ok=True)
     module.export_model(folder)
     data.load_tokenizer().save_pretrained(folder)
     meta = {
         "teacher": a.teacher,
         "num_labels": num_labels,
+        "data_fingerprint": fingerprint,
         "teacher_steps": a.teacher_steps,
         "teacher_lr": a.teacher_lr,
         "batch_size": a.batch_size,
@@ -205,6 +238,8 @@ def get_teacher(a: argparse.Namespace, data: TextClassificationDataModule) -> tu
 def build_student(kind: str, teacher: nn.Module, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
     if kind == "2layer":
         return build_bert_student(teacher, layers=[0, 5]).train()
+    if kind == "small":
+        return build_bert_student(teacher, **SMALL).train()
     embeddings = teacher.get_input_embeddings()
     student = BiGRUClassifier(
         vocab_size,
@@ -217,11 +252,22 @@ def build_student(kind: str, teacher: nn.Module, vocab_size: int, pad_token_id: 
     return student
 
 
-def kd_config(a: argparse.Namespace) -> DistillationConfig:
+def kd_config(a: argparse.Namespace, teacher: nn.Module) -> DistillationConfig:
     matches = []
-    if a.student == "2layer" and a.hidden_weight > 0:
-        # hidden_states[2] is the student's last block, hidden_states[6] the teacher's; both 384 wide.
-        matches.append(IntermediateMatch(layer_t=6, layer_s=2, loss="hidden_mse", weight=a.hidden_weight))
+    if a.student in ("2layer", "small") and a.hidden_weight > 0:
+        # The students' last hidden state against the teacher's (2layer: both 384 wide; small: 256 -> 384).
+        depth = 2 if a.student == "2layer" else len(SMALL["layers"])
+        width_t = teacher.config.hidden_size
+        projection = None if a.student == "2layer" else ("linear", SMALL["hidden_size"], width_t)
+        matches.append(
+            IntermediateMatch(
+                layer_t=teacher.config.num_hidden_layers,
+                layer_s=depth,
+                loss="hidden_mse",
+                weight=a.hidden_weight,
+                projection=projection,
+            )
+        )
     return DistillationConfig(
         temperature=a.temperature,
         kd_loss_type="ce",
@@ -235,19 +281,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with train.tsv and dev.tsv (SST-2 layout)")
     p.add_argument("--teacher", default=None, help="local folder of the teacher (default: all-MiniLM-L6-v2)")
-    p.add_argument("--student", choices=("2layer", "bigru"), required=True)
-    p.add_argument("--steps", type=int, default=300, help="training steps of each student run")
+    p.add_argument("--student", choices=("2layer", "small", "bigru"), required=True)
+    p.add_argument("--seeds", type=int, default=3, help="student seeds (--seed, --seed + 1, ...); both runs per seed")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each student run")
     p.add_argument("--teacher-steps", type=int, default=400, help="fine-tuning steps of the teacher")
-    p.add_argument("--teacher-ckpt-dir", default="runs/bench_kd/teacher", help="where the fine-tuned teacher lives")
+    p.add_argument("--teacher-ckpt-dir", default=None, help="where the fine-tuned teacher lives (default: per data)")
+    p.add_argument("--retrain-teacher", action="store_true", help="fine-tune the teacher again even if one is saved")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="longest tokenised sentence")
-    p.add_argument("--lr", type=float, default=None, help="student learning rate (default 1e-4 2layer, 2e-3 bigru)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="student learning rate (default 1e-4 2layer, 5e-4 small, 2e-3 bigru)"
+    )
     p.add_argument("--teacher-lr", type=float, default=1e-4)
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up, then linear decay to 0")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--hard-label-weight", type=float, default=1.0)
-    p.add_argument("--hidden-weight", type=float, default=1.0, help="last-hidden-state MSE weight (2layer only)")
+    p.add_argument("--hidden-weight", type=float, default=1.0, help="last-hidden-state MSE weight (BERT students)")
+    p.add_argument("--transfer-augment", type=int, default=0, help="noisy copies of each training sentence, KD only")
+    p.add_argument(
+        "--transfer-file", default=None, help="unlabelled sentences for the KD term (one per line, or a TSV)"
+    )
+    p.add_argument("--transfer-per-sample", type=int, default=1, help="transfer rows per labelled row in a KD batch")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows of train.tsv")
+    p.add_argument("--carve-dev", type=int, default=0, help="evaluate on the last N rows of train.tsv (held out)")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=0, help="also print dev accuracy every N steps (0: never)")
     p.add_argument("--log-every", type=int, default=25, help="print the training loss every N steps")
@@ -258,10 +314,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.teacher = a.teacher or minilm_path()
     a.lr = a.lr if a.lr is not None else STUDENT_LR[a.student]
-    for name in ("steps", "teacher_steps", "batch_size", "max_length", "log_every"):
+    for name in ("steps", "teacher_steps", "batch_size", "max_length", "log_every", "seeds", "transfer_per_sample"):
         if getattr(a, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be >= 1 but got {getattr(a, name)}.")
+    for name in ("transfer_augment", "carve_dev"):
+        if getattr(a, name) < 0:
+            p.error(f"Expected `--{name.replace('_', '-')}` to be >= 0 but got {getattr(a, name)}.")
     return a
+
+
+def carve(data_dir: str, n: int, into: Path) -> str:
+    """A folder whose ``dev.tsv`` is the last ``n`` data rows of ``data_dir/train.tsv`` and ``train.tsv`` the rest."""
+    lines = (Path(data_dir) / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    header, rows = lines[0], [line for line in lines[1:] if line.strip()]
+    if not 0 < n < len(rows):
+        raise ValueError(f"Expected `--carve-dev` to be in [1, {len(rows) - 1}] but got {n}.")
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "train.tsv").write_text(header + "".join(rows[:-n]), encoding="utf-8")
+    (into / "dev.tsv").write_text(header + "".join(rows[-n:]), encoding="utf-8")
+    return str(into)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -270,57 +345,95 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     start = time.perf_counter()
-    data = TextClassificationDataModule(
-        a.data_dir,
-        tokenizer=a.teacher,  # fine-tuning keeps the vocabulary: teacher and students read these ids
-        max_length=a.max_length,
-        batch_size=a.batch_size,
-        eval_batch_size=a.eval_batch_size,
-        train_limit=a.train_limit,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = carve(a.data_dir, a.carve_dev, Path(tmp) / "carved") if a.carve_dev else a.data_dir
+        data = TextClassificationDataModule(
+            data_dir,
+            tokenizer=a.teacher,  # fine-tuning keeps the vocabulary: teacher and students read these ids
+            max_length=a.max_length,
+            batch_size=a.batch_size,
+            eval_batch_size=a.eval_batch_size,
+            train_limit=a.train_limit,
+            transfer_file=a.transfer_file,
+            transfer_augment=a.transfer_augment,
+            transfer_per_sample=a.transfer_per_sample,
+            transfer_seed=a.seed,
+        )
+        if a.teacher_ckpt_dir is None:
+            a.teacher_ckpt_dir = f"runs/bench_kd/teacher-{data_fingerprint(data)[:12]}"
+        result = run(a, data)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return emit(result, a.json)
+
+
+def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
     num_labels = data.num_labels
+    transfer = data.has_transfer_set
     teacher, teacher_meta = get_teacher(a, data)
     teacher_acc = dev_accuracy(teacher, data, num_labels)
     print(f"[teacher] dev acc {teacher_acc:.4f}", flush=True)
 
-    L.seed_everything(a.seed, verbose=False)  # the BiGRU's fresh weights
-    init = build_student(a.student, teacher, data.vocab_size, data.pad_token_id, num_labels)
-    results = {}
-    for kd in (False, True):
-        name = "kd" if kd else "no_kd"
-        student = copy.deepcopy(init)  # both runs start from the same weights
-        optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
-        if kd:
-            module = DistillationModule(
-                teacher, student, kd_config(a), optimizer=optimizer, lr_scheduler=schedule, num_labels=num_labels
-            )
-        else:
-            module = ClassifierModule(student, num_labels, optimizer=optimizer, lr_scheduler=schedule)
-        timer = fit(f"student {name}", module, data, a.steps, a)
-        acc = dev_accuracy(student, data, num_labels)
-        print(f"[student {name}] dev acc {acc:.4f}", flush=True)
-        results[name] = (acc, timer)
-    (acc_plain, timer_plain), (acc_kd, timer_kd) = results["no_kd"], results["kd"]
+    seeds = [a.seed + i for i in range(a.seeds)]
+    accs: dict[str, list[float]] = {"no_kd": [], "kd": []}
+    timers: dict[str, list[StepTimer]] = {"no_kd": [], "kd": []}
+    same_batches = True
+    for seed in seeds:
+        L.seed_everything(seed, verbose=False)  # fresh weights of the student (BiGRU, small BERT's blocks)
+        init = build_student(a.student, teacher, data.vocab_size, data.pad_token_id, num_labels)
+        for name in ("no_kd", "kd"):
+            student = copy.deepcopy(init)  # both runs start from the same weights
+            optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
+            if name == "kd":
+                module = DistillationModule(
+                    teacher,
+                    student,
+                    kd_config(a, teacher),
+                    optimizer=optimizer,
+                    lr_scheduler=schedule,
+                    num_labels=num_labels,
+                )
+            else:
+                module = ClassifierModule(student, num_labels, optimizer=optimizer, lr_scheduler=schedule)
+            timer = fit(f"seed {seed} student {name}", module, data, a.steps, a, seed, transfer and name == "kd")
+            acc = dev_accuracy(student, data, num_labels)
+            print(f"[seed {seed} student {name}] dev acc {acc:.4f}", flush=True)
+            accs[name].append(acc)
+            timers[name].append(timer)
+        same_batches &= timers["no_kd"][-1].indices.hexdigest() == timers["kd"][-1].indices.hexdigest()
 
-    result = {
+    (plain, plain_std), (kd, kd_std) = mean_std(accs["no_kd"]), mean_std(accs["kd"])
+    gains = [k - p for k, p in zip(accs["kd"], accs["no_kd"])]
+    gain, gain_std = mean_std(gains)
+    step_s = {name: statistics.fmean(t.mean for t in timers[name]) for name in timers}
+    return {
         "teacher_acc": round(teacher_acc, 4),
-        "student_acc_no_kd": round(acc_plain, 4),
-        "student_acc_kd": round(acc_kd, 4),
+        "student_acc_no_kd": round(plain, 4),
+        "student_acc_kd": round(kd, 4),
+        "student_acc_no_kd_seeds": [round(x, 4) for x in accs["no_kd"]],
+        "student_acc_kd_seeds": [round(x, 4) for x in accs["kd"]],
+        "student_acc_no_kd_std": round(plain_std, 4),
+        "student_acc_kd_std": round(kd_std, 4),
+        "kd_gain": round(gain, 4),
+        "kd_gain_se": round(gain_std / len(gains) ** 0.5, 4),
+        "retention": round(kd / teacher_acc, 4),
+        "retention_no_kd": round(plain / teacher_acc, 4),
+        "seeds": seeds,
         "steps": a.steps,
-        "kd_step_s": round(timer_kd.mean, 4),
-        "student_step_s": round(timer_plain.mean, 4),
+        "kd_step_s": round(step_s["kd"], 4),
+        "student_step_s": round(step_s["no_kd"], 4),
         "teacher_steps": teacher_meta["teacher_steps"],
         "teacher_reused": teacher_meta["teacher_reused"],
         "student": a.student,
         "student_params": sum(p.numel() for p in init.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "dataset": Path(a.data_dir).resolve().name,
+        "dataset": Path(a.data_dir).resolve().name
+        + (f" (last {a.carve_dev} train rows as dev)" if a.carve_dev else ""),
         "dev_size": len(data.dataset("val")),
-        "same_batches": timer_plain.indices.hexdigest() == timer_kd.indices.hexdigest(),
-        "seconds": round(time.perf_counter() - start, 1),
+        "same_batches": same_batches,
         "settings": {
             "teacher": a.teacher,
             "teacher_ckpt_dir": a.teacher_ckpt_dir,
+            "data_fingerprint": teacher_meta.get("data_fingerprint"),
             "teacher_lr": teacher_meta["teacher_lr"],
             "teacher_step_s": teacher_meta["teacher_step_s"],
             "teacher_finetune_seconds": teacher_meta["teacher_finetune_seconds"],
@@ -329,14 +442,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "temperature": a.temperature,
                 "scale_by_temperature_squared": True,
                 "hard_label_weight": a.hard_label_weight,
-                "hidden_mse_6_2_weight": a.hidden_weight if a.student == "2layer" else None,
+                "hidden_weight": a.hidden_weight if a.student != "bigru" else None,
+                "transfer_augment": a.transfer_augment,
+                "transfer_file": a.transfer_file,
+                "transfer_per_sample": a.transfer_per_sample if transfer else None,
+                "transfer_rows": len(data.transfer_dataset()) if transfer else 0,
             },
-            **{k: getattr(a, k) for k in ("lr", "batch_size", "max_length", "warmup_fraction", "train_limit", "seed")},
+            **{
+                k: getattr(a, k)
+                for k in ("lr", "batch_size", "max_length", "warmup_fraction", "train_limit", "carve_dev", "seed")
+            },
             "threads": torch.get_num_threads(),
         },
         "machine": machine(),
     }
-    return emit(result, a.json)
 
 
 if __name__ == "__main__":

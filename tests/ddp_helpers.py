@@ -242,7 +242,9 @@ def write_text_data(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder / "tokenizer")
+    # transformers 5 takes the vocabulary itself (`vocab_file=` is silently ignored: every word would be [UNK]).
+    tokens = vocab.read_text().split()
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)}).save_pretrained(folder / "tokenizer")
     g = torch.Generator().manual_seed(0)
     for name, n in (("train.tsv", KD_TRAIN_SIZE), ("dev.tsv", KD_DEV_SIZE)):
         rows = []

@@ -177,8 +177,10 @@ def test_project_embeddings_keeps_the_leading_principal_directions():
     )
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.mean())), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(projected.pow(2).sum(1).mean(), table.pow(2).sum(1).mean())  # the rows' size kept
-    with pytest.raises(ValueError, match=r"`dim` to be in \[1, 12\]"):
-        project_embeddings(table, 13)
+    wider = project_embeddings(table, 16)  # wider than the table: its 3 directions, then zeros
+    assert wider[:, 3:].abs().max() < 1e-4 and wider.shape == (200, 16)
+    with pytest.raises(ValueError, match="`dim` to be >= 1"):
+        project_embeddings(table, 0)
 
 
 def test_a_narrower_bert_student_starts_from_the_teachers_projected_embeddings():

@@ -1,0 +1,75 @@
+"""scripts/bench_kd.py on a miniature task: the seed protocol (same labelled batches for both students per seed), the
+reported statistics, the teacher keyed by its training data, the transfer set and the carved split."""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ddp_helpers import KD_TRAIN_SIZE, tiny_bert, write_text_data
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        yield importlib.import_module("bench_kd")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    data = write_text_data(tmp_path / "data")
+    teacher = tmp_path / "base"
+    model = tiny_bert(layers=6, width=32, seed=0)
+    model.save_pretrained(teacher)
+    (data / "tokenizer").rename(tmp_path / "tokenizer")
+    for f in (tmp_path / "tokenizer").iterdir():
+        f.rename(teacher / f.name)
+    return data, teacher
+
+
+def args(data: Path, teacher: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data-dir", str(data), "--teacher", str(teacher), "--teacher-ckpt-dir", str(tmp_path / "ft"),
+        "--steps", "2", "--teacher-steps", "2", "--batch-size", "2", "--max-length", "16", "--seeds", "2",
+        "--log-every", "100", "--timing-warmup", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_seeds_statistics_and_same_batches(bench, setup, tmp_path):
+    data, teacher = setup
+    out = bench.main(args(data, teacher, tmp_path, "--student", "2layer", "--json", str(tmp_path / "r.json")))
+    assert out["seeds"] == [42, 43] and len(out["student_acc_kd_seeds"]) == len(out["student_acc_no_kd_seeds"]) == 2
+    assert out["same_batches"] is True
+    assert out["student_acc_kd"] == pytest.approx(statistics.fmean(out["student_acc_kd_seeds"]), abs=1e-4)
+    gains = [k - p for k, p in zip(out["student_acc_kd_seeds"], out["student_acc_no_kd_seeds"])]
+    assert out["kd_gain"] == pytest.approx(statistics.fmean(gains), abs=2e-4)
+    assert out["kd_gain_se"] == pytest.approx(statistics.stdev(gains) / 2**0.5, abs=2e-4)
+    assert out["retention"] == pytest.approx(out["student_acc_kd"] / out["teacher_acc"], abs=2e-4)
+    assert (tmp_path / "r.json").is_file() and out["teacher_reused"] is False
+
+    # The saved teacher is reused for the same data, and refused for other data.
+    again = bench.main(args(data, teacher, tmp_path, "--student", "bigru", "--seeds", "1"))
+    assert again["teacher_reused"] is True
+    train = data / "train.tsv"
+    train.write_text(train.read_text().replace("\t1\n", "\t0\n", 1))
+    with pytest.raises(ValueError, match="fine-tuned for 2 labels on the training data of .* `--retrain-teacher`"):
+        bench.main(args(data, teacher, tmp_path, "--student", "bigru", "--seeds", "1"))
+
+
+def test_small_student_with_a_transfer_set_and_a_carved_split(bench, setup, tmp_path):
+    data, teacher = setup
+    extra = ("--student", "small", "--seeds", "1", "--transfer-augment", "1", "--carve-dev", "3")
+    out = bench.main(args(data, teacher, tmp_path, *extra))
+    assert out["same_batches"] is True  # the transfer rows do not change the labelled batches
+    assert out["dev_size"] == 3 and "last 3 train rows" in out["dataset"]
+    assert out["settings"]["kd"]["transfer_rows"] == KD_TRAIN_SIZE - 3
+    assert out["student"] == "small" and out["settings"]["kd"]["hidden_weight"] == 1.0
