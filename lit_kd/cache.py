@@ -16,13 +16,27 @@ Layout of a cache folder:
   classes their exact probabilities and shares the remaining probability equally among the other classes;
 - with ``hidden_layers=[...]``: ``hidden_<i>.npy`` (N, L, D) float32, the teacher's hidden state ``i`` (right-padded
   along L), for hidden-state matches (attention maps are not cached);
-- ``sample_hashes.npy``: (N,) int64 hash of each sample's teacher inputs (padding trimmed);
-- ``meta.json``: number of samples, logits shape, ``top_k``, ``hidden_layers`` and the teacher's number of hidden
-  states, the teacher's fingerprint (SHA-256 of its weights) and the data fingerprint (a hash of all sample hashes).
+- ``sample_hashes.npy``: (N,) int64 hash of each sample's teacher inputs, padding left out (:func:`sample_hashes`);
+- ``meta.json``, written last: the format version, number of samples, logits shape, ``top_k``, ``hidden_layers``
+  and the teacher's number of hidden states, the teacher's fingerprint (SHA-256 of its weights), the pad id the
+  inputs were hashed with, and for every ``.npy`` file its shape, dtype and SHA-256 checksum.
 
-A stale or mismatched cache is refused with an error that says what differs: a different teacher (fingerprint of
-the weights), or a batch whose inputs are not the ones cached under its indices (checked for every batch, a few
-microseconds per sample), or an index past the cache.
+Checks. Opening a cache (:class:`TeacherCache`) reads ``meta.json`` and, for every array it lists, the ``.npy``
+header: shape and dtype must be those recorded, the file size the one they imply (a truncated or empty file is
+refused before it is memory-mapped), and with ``verify=True`` (default) the file's SHA-256 must equal the recorded
+one, so a changed, negated or swapped-in array is refused, naming the file. Verification reads every byte once
+(about 0.8 s per GB from the page cache on the 2-core development machine, see ``docs/benchmarks.md``);
+``verify=False`` keeps the header and size checks and skips the checksums. A file changed after the cache is opened
+is not detected. ``teacher=`` refuses a cache built from other weights. Every batch's inputs are hashed and compared
+with the cached hashes of its indices (a few microseconds per sample), so data that changed since the build, or an
+``index`` that does not identify samples, is refused at the first batch that shows it, in any order, on any DDP
+shard. (There is no whole-data-set fingerprint: it could only be checked by reading every sample in index order,
+and the per-batch check covers exactly the samples trained on.)
+
+A build writes into a temporary folder beside ``path`` and moves it into place only once ``meta.json`` is written
+(the old cache, if any, is moved aside first and then deleted): a build that fails or is killed leaves the old
+cache untouched (or, killed between the two moves, no cache at ``path``), never new arrays under old metadata. A
+killed process cannot delete its temporary folder (``.<name>.building-*`` beside ``path``): remove it by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +44,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +58,11 @@ from torch import Tensor, nn
 from lit_kd.adaptors import as_view, call_model, default_adaptor
 
 _SKIP_KEYS = ("labels", "index", "task")
-_LOGIT_FILES = ("logits.npy", "topk_logits.npy", "topk_indices.npy", "logsumexp.npy")
+_MASK_KEY = "attention_mask"
+_IDS_KEY = "input_ids"
+_FORMAT = 2  # meta.json format: 2 adds per-array checksums, shapes, dtypes and the pad id
+_CHECKSUM = "sha256"
+_CHUNK = 1 << 24  # bytes read at a time when checksumming
 
 
 def topk_to_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
@@ -91,47 +112,208 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sample_hashes(batch: Mapping[str, Any]) -> np.ndarray:
-    """(B,) int64 hashes of each sample's inputs: every 2-D tensor entry but labels/index/task, padding trimmed.
+def sample_hashes(batch: Mapping[str, Any], pad_token_id: int = 0) -> np.ndarray:
+    """(B,) int64 hashes of each sample's inputs, padding left out, so any padding of the same sample hashes alike.
 
-    A row's length is the last position where any input is non-zero (+1), so dynamic padding to different batch
-    widths gives the same hash.
+    The inputs are every 2-D tensor entry but ``labels``/``index``/``task`` and the attention mask, hashed with
+    their names. With an ``attention_mask``, a row's real tokens are its positions where the mask is non-zero (left
+    or right padding, of any width and any pad id). Without one, padding is right padding: the trailing positions
+    where ``input_ids`` equals ``pad_token_id`` and every other input is 0. For right-padded rows both give the same
+    hash.
+
+    Args:
+        batch: The teacher's inputs.
+        pad_token_id: The pad id of ``input_ids`` (used only without an ``attention_mask``).
+
+    Returns:
+        (B,) int64.
+
+    Example:
+        >>> ids = torch.tensor([[5, 6, 1, 1]])  # RoBERTa-style pad id 1
+        >>> wide = {"input_ids": torch.tensor([[5, 6, 1, 1, 1]]), "attention_mask": torch.tensor([[1, 1, 0, 0, 0]])}
+        >>> bool(sample_hashes({"input_ids": ids}, pad_token_id=1)[0] == sample_hashes(wide)[0])
+        True
     """
-    tensors = [v for k, v in batch.items() if k not in _SKIP_KEYS and isinstance(v, Tensor) and v.dim() == 2]
-    if not tensors:
+    inputs = {k: v for k, v in batch.items() if k not in _SKIP_KEYS and isinstance(v, Tensor) and v.dim() == 2}
+    if not inputs:
         raise ValueError(
             "Expected the teacher's batch to hold (B, L) input tensors to fingerprint (e.g. input_ids) but got keys "
             f"{sorted(batch)}."
         )
-    B, L = tensors[0].shape
-    nonzero = torch.zeros(B, L, dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        nonzero |= t != 0
-    positions = torch.arange(1, L + 1, device=nonzero.device)  # (L,)
-    lengths = (nonzero * positions).amax(dim=1).cpu().tolist()  # (B,) last non-zero position + 1
-    rows = [t.cpu().numpy() for t in tensors]
-    out = np.empty(B, dtype=np.int64)
-    for i, n in enumerate(lengths):
+    mask = inputs.pop(_MASK_KEY, None)
+    if not inputs:  # the mask is the only input: it is all there is to compare
+        inputs = {_MASK_KEY: mask}
+    if mask is not None:
+        real = (mask != 0).cpu().numpy()  # (B, L)
+    else:
+        padding = torch.ones_like(next(iter(inputs.values())), dtype=torch.bool)  # (B, L)
+        for key, t in inputs.items():
+            padding &= t == (pad_token_id if key == _IDS_KEY else 0)
+        L = padding.shape[1]
+        lengths = ((~padding) * torch.arange(1, L + 1, device=padding.device)).amax(dim=1)  # (B,) last real + 1
+        real = (torch.arange(L, device=padding.device) < lengths.unsqueeze(1)).cpu().numpy()  # (B, L)
+    rows = {}
+    for key in sorted(inputs):
+        t = inputs[key].detach().cpu()
+        rows[key] = (t if t.is_floating_point() else t.long()).numpy()  # ids of any int dtype hash alike
+    out = np.empty(real.shape[0], dtype=np.int64)
+    for i, keep in enumerate(real):
         digest = hashlib.blake2b(digest_size=8)
-        for r in rows:
-            digest.update(np.ascontiguousarray(r[i, :n]).tobytes())
+        for key, r in rows.items():
+            digest.update(key.encode() + b"\0")
+            digest.update(np.ascontiguousarray(r[i, keep]).tobytes())
         out[i] = int.from_bytes(digest.digest(), "little", signed=True)
     return out
 
 
+def _pad_ids(inputs: Mapping[str, Any]) -> set[int]:
+    """The ids ``input_ids`` holds where ``attention_mask`` is 0 (the batch's pad id, when it has padding)."""
+    ids, mask = inputs.get(_IDS_KEY), inputs.get(_MASK_KEY)
+    if not (isinstance(ids, Tensor) and isinstance(mask, Tensor) and ids.shape == mask.shape):
+        return set()
+    return set(ids[mask == 0].unique().tolist())
+
+
+def _file_checksum(file: Path) -> str:
+    """SHA-256 of a file's bytes (the same as ``sha256sum``)."""
+    digest = hashlib.new(_CHECKSUM)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _checksums(files: Sequence[Path]) -> list[str]:
+    """Checksums of several files, in threads (``hashlib`` releases the GIL while it hashes)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
+        return list(pool.map(_file_checksum, files))
+
+
+def _array_record(file: Path) -> dict[str, Any]:
+    """What ``meta.json`` records of a written ``.npy`` file (its checksum is added by the caller)."""
+    shape, dtype, _ = _read_npy_header(file)
+    return {"shape": list(shape), "dtype": dtype.str}
+
+
+def _read_npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """A ``.npy`` file's (shape, dtype, data offset), read without mapping the data.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not a C-ordered ``.npy`` array (e.g. empty or cut inside its header).
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"Expected {file} (listed in meta.json) but it does not exist; rebuild the cache.")
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, EOFError) as err:
+        raise ValueError(
+            f"Expected {file} to be a .npy array but could not read its header ({err}; the file holds "
+            f"{file.stat().st_size} bytes): it is empty or damaged; rebuild the cache."
+        ) from None
+    if fortran_order:
+        raise ValueError(f"Expected {file} to be a C-ordered .npy array but got a Fortran-ordered one.")
+    return tuple(shape), dtype, offset
+
+
+def _check_array(file: Path, record: Mapping[str, Any], num_samples: int) -> None:
+    """Shape, dtype and size of a cache array against its ``meta.json`` record (not its checksum)."""
+    shape, dtype, offset = _read_npy_header(file)
+    expected_shape, expected_dtype = tuple(record["shape"]), np.dtype(record["dtype"])
+    if shape != expected_shape or dtype != expected_dtype:
+        raise ValueError(
+            f"Expected {file} to hold a {expected_shape} {expected_dtype.name} array (as meta.json records) but got "
+            f"{shape} {dtype.name}: the file was replaced since the cache was built; rebuild it."
+        )
+    if not shape or shape[0] != num_samples:
+        raise ValueError(
+            f"Expected {file} to hold one row per sample ({num_samples}, as meta.json records) but got shape {shape}."
+        )
+    size, expected_size = file.stat().st_size, offset + int(np.prod(shape)) * dtype.itemsize
+    if size != expected_size:
+        raise ValueError(
+            f"Expected {file} to hold {expected_size} bytes (a {offset}-byte header and a {shape} {dtype.name} "
+            f"array) but it holds {size}: the file is {'truncated' if size < expected_size else 'longer'}; rebuild "
+            "the cache."
+        )
+
+
+def _array_names(meta: Mapping[str, Any]) -> list[str]:
+    """The ``.npy`` files a cache with this ``meta.json`` holds."""
+    logits = ["logits.npy"] if meta["top_k"] is None else ["topk_logits.npy", "topk_indices.npy", "logsumexp.npy"]
+    return [*logits, *(f"hidden_{i}.npy" for i in meta["hidden_layers"]), "sample_hashes.npy"]
+
+
+_META_KEYS = (
+    "format",
+    "num_samples",
+    "logits_shape",
+    "top_k",
+    "hidden_layers",
+    "num_hidden_states",
+    "teacher_fingerprint",
+    "pad_token_id",
+    "checksum",
+    "arrays",
+)
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """``meta.json``, checked for the keys and format this version writes."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"Expected {meta_path} to hold the JSON that `TeacherCache.build` writes but could not parse it ({err}; "
+            f"the file holds {meta_path.stat().st_size} bytes): it is damaged or was edited; rebuild the cache."
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"Expected {meta_path} to hold a JSON object but got {type(meta).__name__}; rebuild the cache."
+        )
+    if meta.get("format") != _FORMAT:
+        raise ValueError(
+            f"Expected {meta_path} to be cache format {_FORMAT} (with per-array checksums) but got format "
+            f"{meta.get('format')}: the cache was written by another version of lit_kd; rebuild it."
+        )
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"Expected {meta_path} to hold the keys {list(_META_KEYS)} but {missing} are missing.")
+    if meta["checksum"] != _CHECKSUM:
+        raise ValueError(f"Expected checksums of kind {_CHECKSUM!r} in {meta_path} but got {meta['checksum']!r}.")
+    fields = {"shape", "dtype", _CHECKSUM}
+    arrays = meta["arrays"] if isinstance(meta["arrays"], dict) else {}
+    unlisted = [n for n in _array_names(meta) if not (isinstance(arrays.get(n), dict) and fields <= set(arrays[n]))]
+    if unlisted:
+        raise ValueError(
+            f"Expected {meta_path} to record the {sorted(fields)} of the arrays {_array_names(meta)} but {unlisted} "
+            "lack them; rebuild the cache."
+        )
+    return meta
+
+
 class TeacherCache:
-    """Read access to a cache folder written by :meth:`build`.
+    """Read access to a cache folder written by :meth:`build`, checked when it is opened.
 
     Args:
         path: The cache folder.
         teacher: If given, its fingerprint must match the one the cache was built with.
+        verify: Compare every array file's SHA-256 with the one ``meta.json`` records (reads every byte once;
+            see ``docs/benchmarks.md`` for the cost). ``False`` still checks each file's shape, dtype and size.
 
     Raises:
-        FileNotFoundError: If the folder holds no cache.
-        ValueError: If ``teacher`` is not the teacher the cache was built from.
+        FileNotFoundError: If the folder holds no cache, or an array it lists is missing.
+        ValueError: If ``meta.json`` or an array is damaged, truncated or changed since the build (the error names
+            the file), or ``teacher`` is not the teacher the cache was built from.
     """
 
-    def __init__(self, path: str | os.PathLike, teacher: nn.Module | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, teacher: nn.Module | None = None, verify: bool = True) -> None:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
@@ -139,10 +321,23 @@ class TeacherCache:
                 f"Expected a teacher cache in {self.path} (meta.json, logits.npy) but found none; build it with "
                 "`TeacherCache.build(teacher, dataloader, path)`."
             )
-        self.meta = json.loads(meta_path.read_text())
-        self.top_k: int | None = self.meta.get("top_k")
-        self.hidden_layers: list[int] = list(self.meta.get("hidden_layers", []))
-        self.num_hidden_states: int | None = self.meta.get("num_hidden_states")
+        self.meta = _read_meta(meta_path)
+        self.top_k: int | None = self.meta["top_k"]
+        self.hidden_layers: list[int] = list(self.meta["hidden_layers"])
+        self.num_hidden_states: int | None = self.meta["num_hidden_states"]
+        self.pad_token_id: int = int(self.meta["pad_token_id"])
+        names = _array_names(self.meta)
+        for name in names:
+            _check_array(self.path / name, self.meta["arrays"][name], len(self))
+        if verify:
+            for name, found in zip(names, _checksums([self.path / n for n in names])):
+                expected = self.meta["arrays"][name][_CHECKSUM]
+                if found != expected:
+                    raise ValueError(
+                        f"Expected {self.path / name} to have the {_CHECKSUM} checksum recorded in meta.json "
+                        f"({expected[:16]}...) but got {found[:16]}...: the file changed since the cache was built; "
+                        "rebuild it."
+                    )
         if self.top_k is None:
             self.logits = np.load(self.path / "logits.npy", mmap_mode="r")  # (N, ...)
         else:
@@ -180,10 +375,9 @@ class TeacherCache:
         """
         idx = index.cpu().numpy()
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise ValueError(
-                f"Expected sample indices in [0, {len(self)}) (the cache in {self.path}) but got {int(idx.max())}."
-            )
-        mismatch = np.nonzero(sample_hashes(batch) != self.hashes[idx])[0]
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise ValueError(f"Expected sample indices in [0, {len(self)}) (the cache in {self.path}) but got {bad}.")
+        mismatch = np.nonzero(sample_hashes(batch, self.pad_token_id) != self.hashes[idx])[0]
         if mismatch.size:
             raise ValueError(
                 f"Expected the inputs of sample {int(idx[mismatch[0]])} to be those cached in {self.path} but they "
@@ -234,6 +428,7 @@ class TeacherCache:
         progress: bool = True,
         top_k: int | None = None,
         hidden_layers: Sequence[int] = (),
+        pad_token_id: int | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over every batch and write its outputs, by sample index, to ``path``.
 
@@ -241,7 +436,8 @@ class TeacherCache:
             teacher: The frozen teacher (put in eval mode).
             batches: Batches carrying ``index`` (e.g. a DataModule's ``train_dataloader()``; order does not matter,
                 every index must appear once).
-            path: The cache folder (created; an existing cache there is replaced).
+            path: The cache folder. It is written beside, in a temporary folder, and moved into place when complete;
+                an existing cache there is replaced (a folder holding other files is refused).
             adaptor: Reads the teacher's outputs (default :func:`~lit_kd.adaptors.default_adaptor`).
             part: ``"teacher"`` when batches carry ``teacher``/``student`` parts.
             progress: Show a progress bar.
@@ -249,14 +445,20 @@ class TeacherCache:
                 ``C`` of them (the last dimension must be the classes; ``1 <= top_k < C``); ``None`` keeps all.
             hidden_layers: Also store these hidden states of the teacher (indices into its adaptor's
                 ``hidden_states``), for hidden-state matches.
+            pad_token_id: The pad id of ``input_ids``, recorded in ``meta.json`` and used to hash batches that have
+                no ``attention_mask``. ``None``: the id ``input_ids`` holds where ``attention_mask`` is 0, else the
+                teacher's ``config.pad_token_id``, else 0.
 
         Returns:
             The cache, opened.
 
         Raises:
             ValueError: If a batch has no ``index`` or an index appears twice or is missing, if ``top_k`` is out of
-                range, or if a hidden layer does not exist.
+                range, if a hidden layer does not exist, if ``pad_token_id`` is not the id the batches pad with, or
+                if ``path`` holds files other than a cache's.
         """
+        path = Path(path)
+        _check_replaceable(path)
         adaptor = adaptor or default_adaptor
         teacher.eval()
         iterator = batches
@@ -268,7 +470,8 @@ class TeacherCache:
         hidden_layers = sorted(set(int(i) for i in hidden_layers))
         rows: dict[int, np.ndarray] = {}
         hidden_rows: dict[int, dict[int, np.ndarray]] = {layer: {} for layer in hidden_layers}
-        hashes: dict[int, int] = {}
+        inputs_seen: list[dict[str, Any]] = []
+        pad_ids: set[int] = set()
         num_hidden_states = None
         for batch in iterator:
             if not isinstance(batch, Mapping) or "index" not in batch:
@@ -295,47 +498,115 @@ class TeacherCache:
                 states = view.hidden_states[layer].float().cpu().numpy()  # (B, L, D)
                 for row, i in enumerate(index):
                     hidden_rows[layer][i] = states[row]
-            for i, h in zip(index, sample_hashes(inputs)):
-                hashes[i] = int(h)
+            inputs_seen.append({**inputs, "index": batch["index"]})
+            pad_ids |= _pad_ids(inputs)
         n = len(rows)
         if n == 0:
             raise ValueError("Expected at least one batch to cache but got none.")
         missing = sorted(set(range(n)) - set(rows))
         if missing:
             raise ValueError(f"Expected sample indices 0..{n - 1} but {missing[:5]} are missing.")
+        pad_token_id = _choose_pad_id(pad_token_id, pad_ids, teacher)
+        hashes = np.empty(n, dtype=np.int64)
+        for seen in inputs_seen:
+            hashes[seen["index"].cpu().numpy()] = sample_hashes(seen, pad_token_id)
         shape = _max_shape(rows)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in [*path.glob("hidden_*.npy"), *(path / f for f in _LOGIT_FILES)]:
-            stale.unlink(missing_ok=True)  # a previous cache's files must not survive a rebuild
-        if top_k is None:
-            _write_padded(path / "logits.npy", rows, shape, np.float32)
-        else:
-            if not shape or not 1 <= top_k < shape[-1]:
-                raise ValueError(
-                    f"Expected `top_k` in [1, {shape[-1] if shape else 0}) (the teacher's classes, the logits' last "
-                    f"dimension) but got {top_k}; use top_k=None to keep every logit."
-                )
-            full = {i: torch.from_numpy(r) for i, r in rows.items()}
-            top = {i: r.topk(top_k, dim=-1) for i, r in full.items()}
-            k_shape = (*shape[:-1], top_k)
-            _write_padded(path / "topk_logits.npy", {i: t.values.numpy() for i, t in top.items()}, k_shape, np.float32)
-            _write_padded(path / "topk_indices.npy", {i: t.indices.numpy() for i, t in top.items()}, k_shape, np.int32)
-            lse = {i: r.logsumexp(-1).numpy() for i, r in full.items()}
-            _write_padded(path / "logsumexp.npy", lse, shape[:-1], np.float32)
-        for layer in hidden_layers:
-            states = hidden_rows[layer]
-            _write_padded(path / f"hidden_{layer}.npy", states, _max_shape(states), np.float32)
-        hash_array = np.array([hashes[i] for i in range(n)], dtype=np.int64)
-        np.save(path / "sample_hashes.npy", hash_array)
+        if top_k is not None and (not shape or not 1 <= top_k < shape[-1]):
+            raise ValueError(
+                f"Expected `top_k` in [1, {shape[-1] if shape else 0}) (the teacher's classes, the logits' last "
+                f"dimension) but got {top_k}; use top_k=None to keep every logit."
+            )
         meta = {
+            "format": _FORMAT,
             "num_samples": n,
             "logits_shape": list(shape),
             "top_k": top_k,
             "hidden_layers": hidden_layers,
             "num_hidden_states": num_hidden_states,
             "teacher_fingerprint": teacher_fingerprint(teacher),
-            "data_fingerprint": hashlib.sha256(hash_array.tobytes()).hexdigest(),
+            "pad_token_id": pad_token_id,
+            "checksum": _CHECKSUM,
         }
-        (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return cls(path)
+        target = path.resolve()  # a name to put the temporary folder beside, also for "." or "cache/"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.building-{os.getpid()}-{time.time_ns()}"
+        tmp.mkdir()
+        try:
+            if top_k is None:
+                _write_padded(tmp / "logits.npy", rows, shape, np.float32)
+            else:
+                full = {i: torch.from_numpy(r) for i, r in rows.items()}
+                top = {i: r.topk(top_k, dim=-1) for i, r in full.items()}
+                k_shape = (*shape[:-1], top_k)
+                _write_padded(
+                    tmp / "topk_logits.npy", {i: t.values.numpy() for i, t in top.items()}, k_shape, np.float32
+                )
+                _write_padded(
+                    tmp / "topk_indices.npy", {i: t.indices.numpy() for i, t in top.items()}, k_shape, np.int32
+                )
+                lse = {i: r.logsumexp(-1).numpy() for i, r in full.items()}
+                _write_padded(tmp / "logsumexp.npy", lse, shape[:-1], np.float32)
+            for layer in hidden_layers:
+                states = hidden_rows[layer]
+                _write_padded(tmp / f"hidden_{layer}.npy", states, _max_shape(states), np.float32)
+            np.save(tmp / "sample_hashes.npy", hashes)
+            names = _array_names(meta)
+            records = [_array_record(tmp / name) for name in names]
+            for record, checksum in zip(records, _checksums([tmp / name for name in names])):
+                record[_CHECKSUM] = checksum
+            meta["arrays"] = dict(zip(names, records))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            _replace_folder(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, verify=False)  # the checksums were just computed from these files
+
+
+def _choose_pad_id(given: int | None, found: set[int], teacher: nn.Module) -> int:
+    """The pad id to record: ``given`` (checked against the padding the batches show), else the one they show,
+    else the teacher's ``config.pad_token_id``, else 0."""
+    if given is not None:
+        if found - {given}:
+            raise ValueError(
+                f"Expected `input_ids` to hold pad_token_id={given} where `attention_mask` is 0 but got ids "
+                f"{sorted(found)[:5]} there; pass the tokenizer's pad id."
+            )
+        return int(given)
+    if len(found) == 1:
+        return found.pop()
+    config_pad = getattr(getattr(teacher, "config", None), "pad_token_id", None)
+    return int(config_pad) if isinstance(config_pad, int) else 0
+
+
+def _cache_file(name: str) -> bool:
+    """Whether a file name is one a cache folder holds."""
+    fixed = {"meta.json", "logits.npy", "topk_logits.npy", "topk_indices.npy", "logsumexp.npy", "sample_hashes.npy"}
+    return name in fixed or (name.startswith("hidden_") and name.endswith(".npy") and name[7:-4].isdigit())
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to build over anything but nothing, an empty folder or a cache (a replace deletes the folder)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Expected `path` to be a folder for the teacher cache but {path} is a file.")
+    others = sorted(p.name for p in path.iterdir() if not _cache_file(p.name)) if path.is_dir() else []
+    if others:
+        raise ValueError(
+            f"Expected `path` to be a new folder or a teacher cache to replace but {path} holds other files "
+            f"{others[:5]}; choose another folder (building replaces the whole folder)."
+        )
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Move the complete folder ``new`` to ``path``; an old folder there is moved aside first, then deleted.
+
+    ``os.replace`` is atomic but cannot replace a non-empty folder, hence two moves: killed between them, ``path``
+    holds no cache (the old one waits in ``.<name>.old-*`` beside it) rather than a mix of old and new files.
+    """
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)

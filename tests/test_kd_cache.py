@@ -1,17 +1,22 @@
-"""Teacher cache: same loss as the live teacher, stale caches refused, KT sequence logits padded and cut."""
+"""Teacher cache: same loss as the live teacher, stale caches refused, KT sequence logits padded and cut; damaged,
+changed or half-written caches refused on open, naming the file; sample hashes independent of the padding."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import lit_kd.cache
 from lit_kd import DistillationConfig, DistillationModule
 from lit_kd.cache import TeacherCache, sample_hashes
 from lit_kt import kt_adaptor
-from tests.test_kd_module import batches, bert
+from tests.test_kd_module import LEN, VOCAB, batches, bert
 
 
 def test_cached_teacher_gives_the_live_loss(tmp_path):
@@ -142,3 +147,265 @@ def test_cache_refuses_configs_it_cannot_serve(tmp_path):
         TeacherCache.build(teacher, data, tmp_path / "d", progress=False, top_k=3)
     with pytest.raises(ValueError, match="index the teacher's 5 hidden states"):
         TeacherCache.build(teacher, data, tmp_path / "e", progress=False, hidden_layers=[5])
+
+
+# ---------------------------------------------------------------- a cache that verifies itself
+
+
+def _built(tmp_path, seed: int = 0, name: str = "c"):
+    """A cache of ``bert(4, 16, seed)``'s logits over ``batches(2)`` (8 samples, 3 classes) in ``tmp_path / name``."""
+    return TeacherCache.build(bert(4, 16, seed), batches(2), tmp_path / name, progress=False)
+
+
+def _flip_last_byte(file):
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _negate(file):
+    np.save(file, -np.load(file))  # same header and size, other values
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[:-4])
+
+
+def _empty(file):
+    file.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_flip_last_byte, "sha256 checksum recorded in meta.json .* the file changed since the cache was built"),
+        (_negate, "sha256 checksum recorded in meta.json"),
+        (_truncate, "to hold 224 bytes .* but it holds 220: the file is truncated"),
+        (_empty, "could not read its header .* holds 0 bytes"),
+    ],
+)
+def test_a_damaged_logits_file_is_refused_on_open_naming_it(tmp_path, damage, message):
+    _built(tmp_path)
+    file = tmp_path / "c" / "logits.npy"
+    damage(file)
+    with pytest.raises(ValueError, match=re.escape(str(file)) + ".*" + message):
+        TeacherCache(tmp_path / "c")
+    with pytest.raises(ValueError, match=re.escape(str(file))):  # also when the module opens it
+        DistillationModule(bert(4, 16, 0), bert(2, 8, 1), num_labels=3, teacher_cache=str(tmp_path / "c"))
+
+
+def test_verify_false_skips_only_the_checksums(tmp_path):
+    _built(tmp_path)
+    file = tmp_path / "c" / "logits.npy"
+    _negate(file)
+    assert (TeacherCache(tmp_path / "c", verify=False).logits == np.load(file)).all()  # the flip goes unnoticed
+    _truncate(file)
+    with pytest.raises(ValueError, match=re.escape(str(file)) + ".*truncated"):  # the size is still checked
+        TeacherCache(tmp_path / "c", verify=False)
+
+
+def test_another_teachers_logits_swapped_in_are_refused(tmp_path):
+    _built(tmp_path, seed=0, name="a")
+    _built(tmp_path, seed=5, name="b")
+    shutil.copy(tmp_path / "b" / "logits.npy", tmp_path / "a" / "logits.npy")  # same shape and dtype
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "a" / "logits.npy")) + ".*checksum"):
+        TeacherCache(tmp_path / "a", teacher=bert(4, 16, 0))
+
+
+def test_an_array_of_another_shape_or_a_missing_array_is_refused(tmp_path):
+    _built(tmp_path)
+    hashes = tmp_path / "c" / "sample_hashes.npy"
+    np.save(hashes, np.load(hashes)[:4])
+    with pytest.raises(ValueError, match=re.escape(str(hashes)) + r".*\(8,\) int64 array .* but got \(4,\) int64"):
+        TeacherCache(tmp_path / "c")
+    hashes.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(hashes)) + ".*does not exist"):
+        TeacherCache(tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "could not parse it .* holds 0 bytes"),
+        ('{"format": 2, "num_samp', "could not parse it"),
+        ("[1, 2]", "a JSON object but got list"),
+        ('{"num_samples": 8}', "format 2 .* but got format None: the cache was written by another version"),
+    ],
+)
+def test_a_broken_meta_json_is_refused_naming_it(tmp_path, text, message):
+    _built(tmp_path)
+    (tmp_path / "c" / "meta.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "c" / "meta.json")) + ".*" + message):
+        TeacherCache(tmp_path / "c")
+
+
+def test_meta_json_records_each_arrays_shape_dtype_and_checksum(tmp_path):
+    import hashlib
+
+    TeacherCache.build(bert(4, 16, 0), batches(2), tmp_path / "c", progress=False, top_k=2, hidden_layers=[1])
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert "data_fingerprint" not in meta  # replaced by the per-batch input check (see the module docstring)
+    assert sorted(meta["arrays"]) == sorted(
+        ["topk_logits.npy", "topk_indices.npy", "logsumexp.npy", "hidden_1.npy", "sample_hashes.npy"]
+    )
+    for name, record in meta["arrays"].items():
+        array = np.load(tmp_path / "c" / name)
+        assert (tuple(record["shape"]), np.dtype(record["dtype"])) == (array.shape, array.dtype)
+        assert record["sha256"] == hashlib.sha256((tmp_path / "c" / name).read_bytes()).hexdigest()  # = sha256sum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left beside
+
+
+def _killed_after_first_array(monkeypatch):
+    """Make the next build raise once its first array is written, as if the process died there."""
+    write = lit_kd.cache._write_padded
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(lit_kd.cache, "_write_padded", write_then_die)
+
+
+def test_a_rebuild_killed_between_its_writes_leaves_the_old_cache(tmp_path, monkeypatch):
+    old = _built(tmp_path, seed=0)
+    old_logits = np.array(old.logits)
+    _killed_after_first_array(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache.build(bert(4, 16, 5), batches(2), tmp_path / "c", progress=False)
+    reopened = TeacherCache(tmp_path / "c", teacher=bert(4, 16, 0))  # verified: still the old teacher's cache
+    np.testing.assert_array_equal(reopened.logits, old_logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the half-written folder was removed
+
+
+def test_a_rebuild_killed_without_cleanup_leaves_the_old_cache_and_a_folder_beside(tmp_path, monkeypatch):
+    old_logits = np.array(_built(tmp_path, seed=0).logits)
+    _killed_after_first_array(monkeypatch)
+    monkeypatch.setattr(lit_kd.cache.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache.build(bert(4, 16, 5), batches(2), tmp_path / "c", progress=False)
+    monkeypatch.undo()
+    left = [p.name for p in tmp_path.iterdir() if p.name != "c"]
+    assert len(left) == 1 and left[0].startswith(".c.building-")
+    assert sorted(p.name for p in (tmp_path / left[0]).iterdir()) == ["logits.npy"]  # the new array, not in c/
+    np.testing.assert_array_equal(TeacherCache(tmp_path / "c", teacher=bert(4, 16, 0)).logits, old_logits)
+
+
+def test_a_rebuild_killed_between_its_two_moves_leaves_no_cache(tmp_path, monkeypatch):
+    _built(tmp_path, seed=0)
+    replace = lit_kd.cache.os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old cache is aside; the new one not yet in place
+            raise KeyboardInterrupt("killed")
+        replace(src, dst)
+
+    monkeypatch.setattr(lit_kd.cache.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache.build(bert(4, 16, 5), batches(2), tmp_path / "c", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="found none"):
+        TeacherCache(tmp_path / "c")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".c.old-")]
+    assert len(aside) == 1
+    TeacherCache(aside[0], teacher=bert(4, 16, 0))  # the old cache, whole, beside
+
+
+def test_a_complete_rebuild_replaces_the_old_cache(tmp_path):
+    _built(tmp_path, seed=0)
+    _built(tmp_path, seed=5)
+    TeacherCache(tmp_path / "c", teacher=bert(4, 16, 5))
+    with pytest.raises(ValueError, match="stale"):
+        TeacherCache(tmp_path / "c", teacher=bert(4, 16, 0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_build_refuses_a_folder_with_other_files(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \['notes.txt'\]"):
+        _built(tmp_path)
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def _roberta_batches(width: int, size: int, order: torch.Tensor, lengths: torch.Tensor, ids: torch.Tensor) -> list:
+    """Samples ``order`` of (ids, lengths), ``size`` a batch, right-padded with pad id 1 to ``width`` (RoBERTa)."""
+    out = []
+    for chunk in order.split(size):
+        batch_ids = torch.ones(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, i in enumerate(chunk.tolist()):
+            batch_ids[row, : lengths[i]] = ids[i, : lengths[i]]
+            mask[row, : lengths[i]] = 1
+        out.append(
+            {"input_ids": batch_ids, "attention_mask": mask, "labels": torch.zeros(len(chunk)).long(), "index": chunk}
+        )
+    return out
+
+
+def test_pad_id_1_cache_accepts_the_same_samples_under_another_padding_and_order(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    ids = torch.randint(3, VOCAB, (n, LEN), generator=g)
+    lengths = torch.tensor([LEN, 3, 5, LEN, 2, 4, 6, 1])
+    teacher, student = bert(4, 16, 0).eval(), bert(2, 8, 1).eval()
+    built = _roberta_batches(LEN, 4, torch.arange(n), lengths, ids)
+    cache = TeacherCache.build(teacher, built, tmp_path / "c", progress=False)
+    assert cache.meta["pad_token_id"] == 1  # read from the batches: input_ids where attention_mask == 0
+    # Reshuffled, other batch sizes, padded to each batch's longest (dynamic) or wider than ever built.
+    order = torch.randperm(n, generator=g)
+    for width in (None, LEN + 5):
+        for b in _roberta_batches(width or LEN, 3, order, lengths, ids):
+            if width is None:
+                keep = int(b["attention_mask"].sum(1).max())
+                b = {**b, "input_ids": b["input_ids"][:, :keep], "attention_mask": b["attention_mask"][:, :keep]}
+            like = torch.zeros(len(b["index"]), 3)
+            np.testing.assert_array_equal(cache.lookup(b["index"], b, like).numpy(), cache.logits[b["index"].numpy()])
+            # Without the attention mask the recorded pad id 1 marks the padding.
+            without_mask = {"input_ids": b["input_ids"], "index": b["index"]}
+            np.testing.assert_array_equal(
+                cache.lookup(b["index"], without_mask, like).numpy(), cache.logits[b["index"].numpy()]
+            )
+    # The cached loss is the live one on the re-padded batches.
+    config = DistillationConfig(temperature=2.0, hard_label_weight=0.5)
+    live = DistillationModule(teacher, student, config, num_labels=3).eval()
+    cached = DistillationModule(teacher, student, config, num_labels=3, teacher_cache=str(tmp_path / "c")).eval()
+    for b in _roberta_batches(LEN + 5, 3, order, lengths, ids):
+        torch.testing.assert_close(cached.training_step(b, 0), live.training_step(b, 0), rtol=1e-5, atol=1e-6)
+    # Changed data is still refused: one real token, or a padding position turned into a token.
+    b = _roberta_batches(LEN + 5, 3, order, lengths, ids)[0]
+    changed = {**b, "input_ids": b["input_ids"].clone()}
+    changed["input_ids"][0, 0] += 1
+    with pytest.raises(ValueError, match=f"inputs of sample {int(b['index'][0])} .* differ"):
+        cache.lookup(b["index"], changed, torch.zeros(3, 3))
+    short = int(b["attention_mask"].sum(1).argmin())
+    longer = {**b, "attention_mask": b["attention_mask"].clone()}
+    longer["attention_mask"][short, lengths[b["index"][short]]] = 1
+    with pytest.raises(ValueError, match=f"inputs of sample {int(b['index'][short])} .* differ"):
+        cache.lookup(b["index"], longer, torch.zeros(3, 3))
+
+
+def test_an_explicit_pad_id_must_be_the_one_the_batches_pad_with(tmp_path):
+    ids, lengths = torch.randint(3, VOCAB, (4, LEN)), torch.tensor([LEN, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"pad_token_id=0 where `attention_mask` is 0 but got ids \[1\]"):
+        TeacherCache.build(
+            bert(4, 16, 0),
+            _roberta_batches(LEN, 4, torch.arange(4), lengths, ids),
+            tmp_path / "c",
+            progress=False,
+            pad_token_id=0,
+        )
+    assert not (tmp_path / "c").exists()
+
+
+def test_hashes_ignore_the_padding_side_and_the_key_order():
+    ids = torch.tensor([[5, 6, 7, 1], [8, 1, 1, 1]])
+    mask = (ids != 1).long()
+    tti = torch.zeros_like(ids)
+    right = sample_hashes({"input_ids": ids, "token_type_ids": tti, "attention_mask": mask})
+    left_ids = torch.tensor([[1, 5, 6, 7], [1, 1, 1, 8]])
+    left = sample_hashes({"attention_mask": (left_ids != 1).long(), "token_type_ids": tti, "input_ids": left_ids})
+    assert (right == left).all()
+    assert (right == sample_hashes({"input_ids": ids, "token_type_ids": tti}, pad_token_id=1)).all()
+    assert (right != sample_hashes({"input_ids": ids, "token_type_ids": tti}, pad_token_id=0)).all()
