@@ -4,7 +4,8 @@ The total loss these describe (TextBrewer's, with an optional ``T**2`` factor):
 
     ``loss = w_kd(p) * [T**2] * kd_loss(z_s, z_t, T) + w_hl(p) * hard_label_loss + sum_m weight_m * match_loss_m``
 
-where ``p`` in [0, 1] is the training progress and ``w(p) = weight * schedule(p)``.
+where ``p`` in [0, 1] is the training progress and ``w(p) = weight * schedule(p)`` (or, with
+``weight_schedule_mode="textbrewer"``, ``weight`` at step 0 and ``schedule(p)`` after it, as TextBrewer does).
 
 User-defined losses: wherever a loss is named (``kd_loss_type``, ``hard_label_loss``, ``IntermediateMatch.loss``) a
 Python callable or, from YAML, a dotted import path (``mypkg.losses.focal``) is accepted. Signatures, checked when
@@ -47,6 +48,7 @@ MatchLoss = Literal[
     "cos",
     "pkd",
     "fsp",
+    "gram",
     "nst",
     "mmd",
     "attention_mse",
@@ -60,8 +62,11 @@ KDLossType = Literal["ce", "kl", "mse", "bce"]
 HardLabelLoss = Literal["ce", "bce"]
 TemperatureScheduler = Literal["constant", "flsw", "cwsm"]
 WeightScheduler = Literal["constant", "linear_decay", "linear_growth"]
+WeightScheduleMode = schedulers.WeightScheduleMode
+ProjectionInit = Literal["pytorch", "textbrewer"]
+MatchVariant = Literal["lit_kd", "textbrewer"]
 
-HIDDEN_LOSSES: tuple[str, ...] = ("hidden_mse", "cos", "pkd", "fsp", "nst", "mmd")
+HIDDEN_LOSSES: tuple[str, ...] = ("hidden_mse", "cos", "pkd", "fsp", "gram", "nst", "mmd")
 ATTENTION_LOSSES: tuple[str, ...] = (
     "attention_mse",
     "attention_mse_sum",
@@ -69,7 +74,7 @@ ATTENTION_LOSSES: tuple[str, ...] = (
     "attention_ce",
     "attention_ce_mean",
 )
-TWO_LAYER_LOSSES: tuple[str, ...] = ("fsp", "nst", "mmd")
+TWO_LAYER_LOSSES: tuple[str, ...] = ("fsp", "gram", "nst", "mmd")
 
 
 def _pkd(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -81,6 +86,7 @@ _MATCH_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
     "cos": losses.cos,
     "pkd": _pkd,
     "fsp": losses.fsp,
+    "gram": losses.fsp,
     "nst": losses.nst,
     "mmd": losses.nst,
     "attention_mse": partial(losses.attention_mse, head_reduce="none"),
@@ -88,6 +94,18 @@ _MATCH_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
     "attention_mse_mean": partial(losses.attention_mse, head_reduce="mean"),
     "attention_ce": partial(losses.attention_ce, head_reduce="none"),
     "attention_ce_mean": partial(losses.attention_ce, head_reduce="mean"),
+}
+
+# `variant="textbrewer"`: TextBrewer 0.2.1's definitions where they differ from lit_kd's (the others are equal).
+_TEXTBREWER_MATCH_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
+    **_MATCH_LOSS_FNS,
+    "nst": partial(losses.nst, normalise="textbrewer"),
+    "mmd": partial(losses.nst, normalise="textbrewer"),
+    "attention_mse": partial(losses.attention_mse_textbrewer, head_reduce="none"),
+    "attention_mse_sum": partial(losses.attention_mse_textbrewer, head_reduce="sum"),
+    "attention_mse_mean": partial(losses.attention_mse_textbrewer, head_reduce="mean"),
+    "attention_ce": partial(losses.attention_ce_textbrewer, head_reduce="none"),
+    "attention_ce_mean": partial(losses.attention_ce_textbrewer, head_reduce="mean"),
 }
 
 _KD_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
@@ -208,8 +226,8 @@ class IntermediateMatch:
 
     Losses (see :mod:`lit_kd.losses`):
 
-    * ``feature="hidden"``: ``"hidden_mse"``, ``"cos"``, ``"pkd"`` (one layer each), ``"fsp"``, ``"nst"`` (alias
-      ``"mmd"``) (two layers each: ``layer_t=[a, b]``, ``layer_s=[a, b]``).
+    * ``feature="hidden"``: ``"hidden_mse"``, ``"cos"``, ``"pkd"`` (one layer each), ``"fsp"`` (alias ``"gram"``),
+      ``"nst"`` (alias ``"mmd"``) (two layers each: ``layer_t=[a, b]``, ``layer_s=[a, b]``).
     * ``feature="attention"``: ``"attention_mse"`` (per head), ``"attention_mse_sum"`` / ``"attention_mse_mean"``
       (summed / averaged over heads first), ``"attention_ce"`` (per head), ``"attention_ce_mean"`` (averaged over
       heads first).
@@ -232,6 +250,18 @@ class IntermediateMatch:
             Must be ``None`` for attention.
         name: Logged as ``train/match/<name>``; default ``f"{feature}_{layer_s}_{layer_t}_{loss}"`` (two layers
             written ``a-b``, module paths with ``_`` for ``.``, a user loss by its function's name). No dots.
+        variant: ``"lit_kd"`` (default), or ``"textbrewer"`` to compute the built-in loss exactly as TextBrewer 0.2.1
+            does, quirks included: ``nst``/``mmd`` divide by the padded length instead of the width when there is a
+            mask; attention losses zero every entry <= -1e-3 when there is no mask and none when there is one; and
+            ``attention_ce``/``attention_ce_mean`` softmax the maps again (even ``transformers`` probabilities) and
+            mask padded keys after that softmax (:func:`lit_kd.losses.attention_mse_textbrewer`,
+            :func:`lit_kd.losses.attention_ce_textbrewer`). The other losses are the same in both variants.
+        score_threshold: Attention matches on raw scores (a view with ``attention_scores=True``), ``"lit_kd"``
+            variant: entries at or below it count as masked by the model (default ``-1e3``: ``-inf``, ``finfo.min``,
+            BERT's ``-10000``). TextBrewer's unmasked losses use ``-1e-3``. Only for attention matches.
+        projection_options: Options of the projection's optimizer parameter group, e.g. ``{"lr": 1e-3,
+            "weight_decay": 0.0}`` (TextBrewer's ``proj[3]``); they override the optimizer's defaults and
+            ``projection_lr`` for this projection. Needs ``projection``.
     """
 
     layer_t: int | list[int] | str
@@ -241,10 +271,20 @@ class IntermediateMatch:
     weight: float = 1.0
     projection: tuple[str, int, int] | None = None
     name: str | None = None
+    variant: MatchVariant = "lit_kd"
+    score_threshold: float = losses.MASKED_SCORE_THRESHOLD
+    projection_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("feature", self.feature, Feature)
+        _check_choice("variant", self.variant, MatchVariant)
         self._user_loss = resolve_loss(self.loss, "loss", get_args(MatchLoss), ("feature_s", "feature_t", "mask"))
+        if self._user_loss is not None and self.variant != "lit_kd":
+            raise ValueError(
+                f"Expected `variant` to be 'lit_kd' with a user loss (only built-in losses have a TextBrewer variant) "
+                f"but got {self.variant!r}."
+            )
+        self._check_score_threshold()
         allowed = HIDDEN_LOSSES if self.feature == "hidden" else ATTENTION_LOSSES
         if self._user_loss is None and self.loss not in allowed:
             raise ValueError(
@@ -256,6 +296,7 @@ class IntermediateMatch:
         _check_non_negative("weight", self.weight)
         if self.projection is not None:
             self.projection = self._checked_projection(self.projection)
+        self._check_projection_options()
         if self.name is None:
             self.name = f"{self.feature}_{_layer_str(self.layer_s)}_{_layer_str(self.layer_t)}_{loss_name(self.loss)}"
         elif not isinstance(self.name, str) or not self.name or "." in self.name:
@@ -282,13 +323,57 @@ class IntermediateMatch:
         return self.layer_s if isinstance(self.layer_s, list) else [self.layer_s]
 
     def loss_fn(self) -> Callable[..., Tensor]:
-        """The loss function this match uses: the user's, or :mod:`lit_kd.losses`' with ``head_reduce`` bound.
+        """The loss function this match uses: the user's, or :mod:`lit_kd.losses`' with its options bound.
 
         Returns:
             ``fn(feature_s, feature_t, mask)`` for one-layer losses, ``fn(s_a, s_b, t_a, t_b, mask)`` for two-layer
-            ones; built-in attention losses also take ``scores=`` (whether the maps are raw scores).
+            ones; built-in attention losses of the ``"lit_kd"`` variant also take ``scores=`` (whether the maps are
+            raw scores).
         """
-        return self._user_loss if self._user_loss is not None else _MATCH_LOSS_FNS[self.loss]
+        if self._user_loss is not None:
+            return self._user_loss
+        if self.variant == "textbrewer":
+            return _TEXTBREWER_MATCH_LOSS_FNS[self.loss]
+        if self.feature == "attention" and self.score_threshold != losses.MASKED_SCORE_THRESHOLD:
+            return partial(_MATCH_LOSS_FNS[self.loss], score_threshold=self.score_threshold)
+        return _MATCH_LOSS_FNS[self.loss]
+
+    @property
+    def takes_scores(self) -> bool:
+        """Whether :meth:`loss_fn` takes ``scores=`` (built-in attention losses of the ``"lit_kd"`` variant)."""
+        return self._user_loss is None and self.feature == "attention" and self.variant == "lit_kd"
+
+    def _check_score_threshold(self) -> None:
+        value = self.score_threshold
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ValueError(f"Expected `score_threshold` to be a number (or -inf) but got {value!r}.")
+        self.score_threshold = float(value)
+        if self.score_threshold != losses.MASKED_SCORE_THRESHOLD and not (
+            self.feature == "attention" and self.variant == "lit_kd" and self._user_loss is None
+        ):
+            raise ValueError(
+                "Expected `score_threshold` to be left at its default except for built-in attention losses of the "
+                f"'lit_kd' variant (the TextBrewer variant uses TextBrewer's -1e-3) but got {value!r} with "
+                f"`feature={self.feature!r}`, `variant={self.variant!r}`."
+            )
+
+    def _check_projection_options(self) -> None:
+        options = self.projection_options
+        if options is None:
+            return
+        if self.projection is None:
+            raise ValueError(
+                f"Expected `projection_options` to be None when `projection` is None (there is no projection to "
+                f"optimise) but got {options!r}."
+            )
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options) or "params" in options:
+            raise ValueError(
+                "Expected `projection_options` to be a dict of optimizer parameter-group options (e.g. {'lr': 1e-3}) "
+                f"without 'params' but got {options!r}."
+            )
+        lr = options.get("lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+            raise ValueError(f"Expected `projection_options['lr']` to be > 0 but got {lr!r}.")
 
     def _checked_layer(self, name: str, value: Any) -> int | list[int]:
         if self.two_layers:
@@ -343,16 +428,21 @@ class DistillationConfig:
             ``"flsw"``/``"cwsm"`` need a class dimension, so not with ``kd_loss_type="bce"``.
         flsw_beta: Spread ``beta`` of ``"flsw"`` (TextBrewer's example value 1); >= 0.
         flsw_gamma: Focusing exponent ``gamma`` of ``"flsw"`` (TextBrewer's example value 2); >= 0.
+        flsw_eps: How ``"flsw"`` normalises the logits: ``None`` for exact unit vectors ``z / max(|z|, 1e-12)``, a
+            float > 0 for ``z / (|z| + flsw_eps)``; TextBrewer's is ``1e-4``.
         cwsm_beta: Spread ``beta`` of ``"cwsm"`` (TextBrewer's example value 1); >= 0.
         kd_loss_type: Logits loss: ``"ce"`` (soft cross-entropy, TextBrewer's default), ``"kl"``, ``"mse"`` (on
             tempered logits) or ``"bce"`` (sigmoid outputs: binary or multi-label, e.g. knowledge tracing); or a
             user loss ``fn(logits_s, logits_t, temperature, mask)`` (a callable or a dotted import path; see
             :mod:`lit_kd.config`).
         kd_loss_weight: Weight of the logits loss; >= 0.
-        kd_loss_weight_scheduler: Multiplies ``kd_loss_weight`` over training: ``"constant"``, ``"linear_decay"``
-            (1 to 0) or ``"linear_growth"`` (0 to 1).
+        kd_loss_weight_scheduler: Schedules ``kd_loss_weight`` over training: ``"constant"``, ``"linear_decay"``
+            (1 to 0) or ``"linear_growth"`` (0 to 1); see ``weight_schedule_mode``.
         hard_label_weight: Weight of the student's loss on the gold labels; >= 0 (0: pure distillation).
-        hard_label_weight_scheduler: Multiplies ``hard_label_weight`` over training, as above.
+        hard_label_weight_scheduler: Schedules ``hard_label_weight`` over training, as above.
+        weight_schedule_mode: How a schedule acts on its weight: ``"multiply"`` (``weight * schedule(p)`` from step 0
+            on) or ``"textbrewer"`` (TextBrewer 0.2.1: the configured weight at step 0, then ``schedule(p)`` in its
+            place, ``p`` counting the optimizer steps done; see :func:`lit_kd.schedulers.scheduled_weight`).
         hard_label_loss: The student's loss on the gold labels: ``None`` for the model's own loss when it reports one
             (``outputs.loss``), else cross-entropy (binary cross-entropy with ``kd_loss_type="bce"``); ``"ce"``,
             ``"bce"``, or a user loss ``fn(logits, labels, mask)`` (a callable or a dotted import path).
@@ -362,8 +452,10 @@ class DistillationConfig:
             False to reproduce its numbers. With per-sample temperatures the factor is per sample too.
         probability_shift: Knowledge adjustment (arXiv:1911.07471, TextBrewer's option): where the teacher is wrong,
             swap its top logit with the gold label's logit (:func:`lit_kd.losses.shift_probability`). Needs class
-            labels, so not with ``kd_loss_type="bce"``.
+            labels, so not with ``kd_loss_type="bce"``. Positions with a negative label are left as they are.
         intermediate_matches: Intermediate-feature matches; their names must be unique.
+        projection_init: Initial weights of the matches' projections: ``"pytorch"`` (``nn.Linear``'s default) or
+            ``"textbrewer"`` (TextBrewer's: weights drawn from normal(0, 0.02), biases 0).
     """
 
     temperature: float = 4.0
@@ -380,11 +472,18 @@ class DistillationConfig:
     scale_by_temperature_squared: bool = True
     probability_shift: bool = False
     intermediate_matches: list[IntermediateMatch] = field(default_factory=list)
+    weight_schedule_mode: WeightScheduleMode = "multiply"
+    flsw_eps: float | None = None
+    projection_init: ProjectionInit = "pytorch"
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"Expected `temperature` to be > 0 but got {self.temperature!r}.")
         _check_choice("temperature_scheduler", self.temperature_scheduler, TemperatureScheduler)
+        _check_choice("weight_schedule_mode", self.weight_schedule_mode, WeightScheduleMode)
+        _check_choice("projection_init", self.projection_init, ProjectionInit)
+        if self.flsw_eps is not None and (isinstance(self.flsw_eps, bool) or not self.flsw_eps > 0):
+            raise ValueError(f"Expected `flsw_eps` to be None or > 0 but got {self.flsw_eps!r}.")
         for name in ("flsw_beta", "flsw_gamma", "cwsm_beta", "kd_loss_weight", "hard_label_weight"):
             _check_non_negative(name, getattr(self, name))
         self._user_kd_loss = resolve_loss(
@@ -477,16 +576,26 @@ class DistillationConfig:
     def temperature_fn(self) -> schedulers.TemperatureSchedule:
         """``fn(logits_s, logits_t, base_temperature, mask=None)`` returning per-sample temperatures."""
         return schedulers.temperature_schedule(
-            self.temperature_scheduler, flsw_beta=self.flsw_beta, flsw_gamma=self.flsw_gamma, cwsm_beta=self.cwsm_beta
+            self.temperature_scheduler,
+            flsw_beta=self.flsw_beta,
+            flsw_gamma=self.flsw_gamma,
+            cwsm_beta=self.cwsm_beta,
+            flsw_eps=self.flsw_eps,
         )
 
     def kd_loss_weight_at(self, progress: float) -> float:
-        """``kd_loss_weight * kd_loss_weight_scheduler(progress)``, ``progress`` in [0, 1]."""
-        return self.kd_loss_weight * schedulers.weight_schedule(self.kd_loss_weight_scheduler)(progress)
+        """``kd_loss_weight`` under ``kd_loss_weight_scheduler`` at ``progress`` in [0, 1] (see
+        ``weight_schedule_mode``)."""
+        return schedulers.scheduled_weight(
+            self.kd_loss_weight, self.kd_loss_weight_scheduler, progress, self.weight_schedule_mode
+        )
 
     def hard_label_weight_at(self, progress: float) -> float:
-        """``hard_label_weight * hard_label_weight_scheduler(progress)``, ``progress`` in [0, 1]."""
-        return self.hard_label_weight * schedulers.weight_schedule(self.hard_label_weight_scheduler)(progress)
+        """``hard_label_weight`` under ``hard_label_weight_scheduler`` at ``progress`` in [0, 1] (see
+        ``weight_schedule_mode``)."""
+        return schedulers.scheduled_weight(
+            self.hard_label_weight, self.hard_label_weight_scheduler, progress, self.weight_schedule_mode
+        )
 
     def validate_layers(
         self, num_hidden_t: int, num_hidden_s: int, num_attn_t: int | None = None, num_attn_s: int | None = None

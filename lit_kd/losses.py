@@ -25,7 +25,11 @@ from torch import Tensor
 
 MASKED_SCORE_THRESHOLD = -1e3
 """Raw attention scores at or below this value (``-inf``, ``torch.finfo(dtype).min``, BERT's ``-10000`` additive
-mask, ...) are treated as masked out by the model itself (padding or causal masking)."""
+mask, ...) are treated as masked out by the model itself (padding or causal masking); the default ``score_threshold``
+of the attention losses."""
+
+TEXTBREWER_SCORE_THRESHOLD = -1e-3
+"""TextBrewer 0.2.1's threshold: without a mask its attention losses zero every entry at or below ``-1e-3``."""
 
 _SCORE_FILL = -1e4  # a masked score for softmax: exp(-1e4 - max) underflows to 0 yet stays finite (no 0 * -inf = nan)
 
@@ -43,6 +47,12 @@ def _check_same_shape(x_s: Tensor, x_t: Tensor, name_s: str, name_t: str, hint: 
         raise ValueError(
             f"Expected `{name_s}` and `{name_t}` to have the same shape but got {_shape(x_s)} and {_shape(x_t)}{hint}."
         )
+
+
+def _projection_hint(x_s: Tensor, x_t: Tensor) -> str:
+    """The projection hint when two features differ in their last (feature) dimension alone: a projection helps
+    there, not with other batch sizes or lengths."""
+    return _PROJECTION_HINT if x_s.dim() == x_t.dim() and x_s.shape[:-1] == x_t.shape[:-1] else ""
 
 
 def _check_mask(mask: Tensor | None, shape: tuple[int, ...], what: str) -> Tensor | None:
@@ -231,17 +241,17 @@ def kd_bce(
     return _masked_mean(per_element, mask)
 
 
-def shift_probability(logits_t: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def shift_probability(logits_t: Tensor, labels: Tensor) -> Tensor:
     """Knowledge adjustment by probability shift (arXiv:1911.07471; TextBrewer's ``probability_shift``).
 
     Where the teacher's top class is not the gold label, swap the teacher's largest logit with the gold label's logit,
     so that the gold label becomes the teacher's prediction while the other classes keep their values. Samples the
-    teacher gets right are unchanged.
+    teacher gets right are unchanged, and so are positions whose label is negative (padding, transfer-set rows:
+    ``-100``, ``-1``, ...), as in TextBrewer's ``probability_shift_`` on token logits.
 
     Args:
         logits_t: Teacher logits, (N, C) or (B, L, C).
-        labels: Gold class ids, (N,) or (B, L); positions equal to ``ignore_index`` are left unchanged.
-        ignore_index: The label of positions without a gold label (padding).
+        labels: Gold class ids, (N,) or (B, L); positions with a negative label are left unchanged.
 
     Returns:
         A new tensor of the shape of ``logits_t``; the input is not modified.
@@ -253,7 +263,7 @@ def shift_probability(logits_t: Tensor, labels: Tensor, ignore_index: int = -100
         )
     shifted = logits_t.reshape(-1, logits_t.shape[-1]).clone()  # (N, C)
     flat_labels = labels.reshape(-1)  # (N,)
-    rows = torch.nonzero(flat_labels != ignore_index).squeeze(-1)  # (V,)
+    rows = torch.nonzero(flat_labels >= 0).squeeze(-1)  # (V,)
     gold = flat_labels[rows].long()  # (V,)
     top = shifted[rows].argmax(dim=-1)  # (V,)
     gold_values, top_values = shifted[rows, gold], shifted[rows, top]  # (V,), (V,) copies, read before writing
@@ -276,7 +286,7 @@ def hidden_mse(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
     Returns:
         A scalar: the mean over valid tokens and features.
     """
-    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    _check_same_shape(h_s, h_t, "h_s", "h_t", _projection_hint(h_s, h_t))
     mask = _check_mask(mask, _shape(h_s)[:-1], "the hidden states without their feature dimension")
     per_element = F.mse_loss(h_s, h_t, reduction="none")  # (B, L, D); one fused kernel each way, unlike (h_s - h_t)**2
     return _masked_mean(per_element, None if mask is None else mask.unsqueeze(-1))
@@ -295,7 +305,7 @@ def cos(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
     Returns:
         A scalar: the mean over valid tokens, in [0, 2].
     """
-    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    _check_same_shape(h_s, h_t, "h_s", "h_t", _projection_hint(h_s, h_t))
     mask = _check_mask(mask, _shape(h_s)[:-1], "the hidden states without their feature dimension")
     per_token = 1 - F.cosine_similarity(h_s, h_t, dim=-1)  # (B, L)
     return _masked_mean(per_token, mask)
@@ -305,18 +315,22 @@ def pkd(h_s: Tensor, h_t: Tensor) -> Tensor:
     """Patient-KD loss (Sun et al. 2019): squared distance between L2-normalised first-token ([CLS]) vectors.
 
     ``loss = mean_b sum_d (u_s[b, d] - u_t[b, d]) ** 2`` with ``u = h[b, 0] / |h[b, 0]|``: a *sum* over features and a
-    *mean* over the batch, in [0, 4]. No mask: only the first token, which is never padding, is used.
+    *mean* over the batch, in [0, 4]. No mask: only the first token, which is never padding, is used, so the two
+    lengths may differ (e.g. different tokenizers); only the first-token vectors must have the same shape.
 
     Args:
-        h_s: Student hidden states, (B, L, D), or first-token vectors (B, D).
-        h_t: Teacher hidden states, same shape.
+        h_s: Student hidden states, (B, L_s, D), or first-token vectors (B, D).
+        h_t: Teacher hidden states, (B, L_t, D), or first-token vectors (B, D).
 
     Returns:
         A scalar.
     """
-    _check_same_shape(h_s, h_t, "h_s", "h_t", _PROJECTION_HINT)
+    for name, h in (("h_s", h_s), ("h_t", h_t)):
+        if h.dim() not in (2, 3):
+            raise ValueError(f"Expected `{name}` to have shape (B, L, D) or (B, D) but got {_shape(h)}.")
     cls_s = h_s[:, 0] if h_s.dim() == 3 else h_s  # (B, D)
     cls_t = h_t[:, 0] if h_t.dim() == 3 else h_t  # (B, D)
+    _check_same_shape(cls_s, cls_t, "h_s[:, 0]", "h_t[:, 0]", _projection_hint(cls_s, cls_t))
     diff = F.normalize(cls_s, dim=-1) - F.normalize(cls_t, dim=-1)  # (B, D)
     return (diff**2).sum(dim=-1).mean()
 
@@ -359,6 +373,7 @@ def attention_mse(
     mask: Tensor | None = None,
     scores: bool = False,
     head_reduce: Literal["none", "sum", "mean"] = "none",
+    score_threshold: float = MASKED_SCORE_THRESHOLD,
 ) -> Tensor:
     """Mean squared error between attention maps (TinyBERT's attention loss; TextBrewer's ``attention_mse[_sum]``).
 
@@ -367,10 +382,10 @@ def attention_mse(
 
     * ``scores=False``: the maps are probabilities (what ``transformers`` returns with ``output_attentions=True``);
       padded keys already hold 0 and padded query rows are excluded by the mask.
-    * ``scores=True``: the maps are raw scores. Entries the model masked itself (at or below
-      :data:`MASKED_SCORE_THRESHOLD`: ``-inf``, ``finfo.min``, ``-10000`` ...), e.g. causal masking, are set to 0 before
-      the difference; padded query rows and key columns are excluded through ``mask``. Without ``mask``, setting
-      masked scores to 0 is the only exclusion.
+    * ``scores=True``: the maps are raw scores. Entries the model masked itself (at or below ``score_threshold``,
+      default :data:`MASKED_SCORE_THRESHOLD`: ``-inf``, ``finfo.min``, ``-10000`` ...), e.g. causal masking, are set
+      to 0 before the difference (per head, before ``head_reduce``); padded query rows and key columns are excluded
+      through ``mask``. Without ``mask``, setting masked scores to 0 is the only exclusion.
     * ``head_reduce``: ``"none"`` compares head ``h`` of the student with head ``h`` of the teacher; ``"sum"`` and
       ``"mean"`` first sum or average each model's maps over its heads (then ``H`` may differ between the two) and
       compare the (B, L, L) results.
@@ -381,14 +396,15 @@ def attention_mse(
         mask: (B, L), True for real tokens; ``None`` for all.
         scores: Whether the maps are raw scores rather than probabilities.
         head_reduce: ``"none"``, ``"sum"`` or ``"mean"`` over heads before the loss.
+        score_threshold: With ``scores=True``, entries at or below it count as masked by the model.
 
     Returns:
         A scalar: the mean over heads (after ``head_reduce``) and valid (query, key) pairs.
     """
     a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
     if scores:
-        a_s = a_s.masked_fill(a_s <= MASKED_SCORE_THRESHOLD, 0.0)
-        a_t = a_t.masked_fill(a_t <= MASKED_SCORE_THRESHOLD, 0.0)
+        a_s = a_s.masked_fill(a_s <= score_threshold, 0.0)
+        a_t = a_t.masked_fill(a_t <= score_threshold, 0.0)
     per_pair = F.mse_loss(_reduce_heads(a_s, head_reduce), _reduce_heads(a_t, head_reduce), reduction="none")
     if mask is None:
         return per_pair.mean()
@@ -403,6 +419,7 @@ def attention_ce(
     scores: bool = False,
     head_reduce: Literal["none", "mean"] = "none",
     eps: float = 1e-12,
+    score_threshold: float = MASKED_SCORE_THRESHOLD,
 ) -> Tensor:
     """Cross-entropy between the teacher's and the student's attention distributions (TextBrewer's ``attention_ce``).
 
@@ -410,9 +427,11 @@ def attention_ce(
 
     * ``scores=False``: the maps are probabilities; ``log P_s`` is ``log(max(P_s, eps))`` (``eps`` raised to the
       dtype's smallest normal number if needed), so a key the student ignores costs a large but finite amount.
-    * ``scores=True``: the maps are raw scores. Scores at or below :data:`MASKED_SCORE_THRESHOLD` and padded key
-      columns are masked, then ``P_t = softmax(scores_t)`` and ``log P_s = log_softmax(scores_s)`` over keys. Given
-      the same masking, this equals ``scores=False`` on the softmaxed maps.
+    * ``scores=True``: the maps are raw scores. Scores at or below ``score_threshold`` (default
+      :data:`MASKED_SCORE_THRESHOLD`) and padded key columns are masked, then ``P_t = softmax(scores_t)`` and
+      ``log P_s = log_softmax(scores_s)`` over keys. Given the same masking, this equals ``scores=False`` on the
+      softmaxed maps. TextBrewer's ``attention_ce`` softmaxes whatever it gets (also probabilities) and masks padded
+      keys after the softmax: see :func:`attention_ce_textbrewer`.
     * ``head_reduce="mean"`` first averages over heads (TextBrewer's ``attention_ce_mean``): probabilities for
       ``scores=False``, raw scores (then softmax) for ``scores=True``. ``"sum"`` is refused: a sum of
       distributions is not a distribution.
@@ -424,6 +443,7 @@ def attention_ce(
         scores: Whether the maps are raw scores rather than probabilities.
         head_reduce: ``"none"`` or ``"mean"``.
         eps: Floor of ``P_s`` before the log when ``scores=False``.
+        score_threshold: With ``scores=True``, scores at or below it count as masked by the model.
 
     Returns:
         A scalar: the mean over heads (after ``head_reduce``) and valid query rows.
@@ -436,8 +456,8 @@ def attention_ce(
     a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
     key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
     if scores:
-        a_s = _reduce_heads(a_s.masked_fill(a_s <= MASKED_SCORE_THRESHOLD, _SCORE_FILL), head_reduce)
-        a_t = _reduce_heads(a_t.masked_fill(a_t <= MASKED_SCORE_THRESHOLD, _SCORE_FILL), head_reduce)
+        a_s = _reduce_heads(a_s.masked_fill(a_s <= score_threshold, _SCORE_FILL), head_reduce)
+        a_t = _reduce_heads(a_t.masked_fill(a_t <= score_threshold, _SCORE_FILL), head_reduce)
         if key_mask is not None:
             a_s = a_s.masked_fill(~key_mask, _SCORE_FILL)
             a_t = a_t.masked_fill(~key_mask, _SCORE_FILL)
@@ -451,6 +471,88 @@ def attention_ce(
             p_t = torch.where(key_mask, p_t, p_t.new_zeros(()))
     per_row = -(p_t * log_p_s).sum(dim=-1)  # (B, H', L)
     return _masked_mean(per_row, None if mask is None else mask[:, None, :])
+
+
+def attention_mse_textbrewer(
+    a_s: Tensor,
+    a_t: Tensor,
+    mask: Tensor | None = None,
+    head_reduce: Literal["none", "sum", "mean"] = "none",
+) -> Tensor:
+    """TextBrewer 0.2.1's ``att_mse_loss`` (``head_reduce="none"``) and ``att_mse_sum_loss`` (``"sum"``), as it computes
+    them (``IntermediateMatch(variant="textbrewer")``).
+
+    The maps are reduced over heads first. Without ``mask``, every entry at or below
+    :data:`TEXTBREWER_SCORE_THRESHOLD` (``-1e-3``) is set to 0 in both maps, then
+    ``loss = mean_{h, i, j} (A_s - A_t) ** 2``: a no-op on probabilities, but on raw scores it zeroes every negative
+    score, not only the masked ones. With ``mask``, nothing is zeroed and the loss is the mean over valid (query, key)
+    pairs, as :func:`attention_mse` on probabilities.
+
+    Args:
+        a_s: Student attention, (B, H_s, L, L) or (B, L, L).
+        a_t: Teacher attention, (B, H_t, L, L) or (B, L, L); ``H_t == H_s`` when ``head_reduce="none"``.
+        mask: (B, L), True for real tokens; ``None`` for all.
+        head_reduce: ``"none"``, ``"sum"`` or ``"mean"`` over heads before the loss.
+
+    Returns:
+        A scalar.
+
+    Example:
+        >>> a = torch.tensor([[[0.5, -2.0], [0.0, 1.0]]])  # (B, L, L) raw scores
+        >>> float(attention_mse_textbrewer(a, torch.zeros_like(a)))  # -2.0 is zeroed: (0.25 + 1) / 4
+        0.3125
+    """
+    a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
+    a_s, a_t = _reduce_heads(a_s, head_reduce), _reduce_heads(a_t, head_reduce)  # (B, H', L, L)
+    if mask is None:
+        return attention_mse(a_s, a_t, scores=True, score_threshold=TEXTBREWER_SCORE_THRESHOLD)
+    return attention_mse(a_s, a_t, mask)
+
+
+def attention_ce_textbrewer(
+    a_s: Tensor,
+    a_t: Tensor,
+    mask: Tensor | None = None,
+    head_reduce: Literal["none", "mean"] = "none",
+) -> Tensor:
+    """TextBrewer 0.2.1's ``att_ce_loss`` (``head_reduce="none"``) and ``att_ce_mean_loss`` (``"mean"``), as it computes
+    them (``IntermediateMatch(variant="textbrewer")``).
+
+    Whatever the maps hold (``transformers`` gives probabilities), they are treated as scores: after ``head_reduce``,
+    ``P_t = softmax(A_t)`` and ``log P_s = log_softmax(A_s)`` over *all* keys. Without ``mask``,
+    ``P_t`` is set to 0 where ``A_t <= -1e-3`` (not renormalised) and
+    ``loss = mean_{h, i} -sum_j P_t[h, i, j] log P_s[h, i, j]``. With ``mask``, ``P_t`` is set to 0 at padded key
+    columns (after the softmax, not renormalised) and the loss is the mean of the rows' sums over valid query rows.
+
+    Args:
+        a_s: Student attention, (B, H_s, L, L) or (B, L, L).
+        a_t: Teacher attention, (B, H_t, L, L) or (B, L, L); ``H_t == H_s`` when ``head_reduce="none"``.
+        mask: (B, L), True for real tokens; ``None`` for all.
+        head_reduce: ``"none"`` or ``"mean"``.
+
+    Returns:
+        A scalar.
+
+    Example:
+        >>> a = torch.zeros(1, 2, 2)  # uniform after the softmax: -log(1/2) per row
+        >>> round(float(attention_ce_textbrewer(a, a)), 4)
+        0.6931
+    """
+    if head_reduce == "sum":
+        raise ValueError(
+            "Expected `head_reduce` to be 'none' or 'mean' for attention_ce (a sum of distributions is not a "
+            "distribution) but got 'sum'."
+        )
+    a_s, a_t, mask = _prepare_attention(a_s, a_t, mask, head_reduce)
+    a_s, a_t = _reduce_heads(a_s, head_reduce), _reduce_heads(a_t, head_reduce)  # (B, H', L, L)
+    p_t = F.softmax(a_t, dim=-1)  # (B, H', L, L)
+    log_p_s = F.log_softmax(a_s, dim=-1)  # (B, H', L, L)
+    if mask is None:
+        p_t = p_t.masked_fill(a_t <= TEXTBREWER_SCORE_THRESHOLD, 0.0)
+        return -(p_t * log_p_s).sum(dim=-1).mean()
+    p_t = p_t.masked_fill(~mask[:, None, None, :], 0.0)  # padded keys, after the softmax
+    per_row = -(p_t * log_p_s).sum(dim=-1)  # (B, H', L)
+    return _masked_mean(per_row, mask[:, None, :])
 
 
 # --------------------------------------------------------------------------------------- two-layer relation losses
@@ -493,8 +595,8 @@ def fsp(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor
     """
     _check_pair(h_s_a, h_s_b, "h_s_a", "h_s_b", same_width=False)
     _check_pair(h_t_a, h_t_b, "h_t_a", "h_t_b", same_width=False)
-    _check_same_shape(h_s_a, h_t_a, "h_s_a", "h_t_a", _PROJECTION_HINT)
-    _check_same_shape(h_s_b, h_t_b, "h_s_b", "h_t_b", _PROJECTION_HINT)
+    _check_same_shape(h_s_a, h_t_a, "h_s_a", "h_t_a", _projection_hint(h_s_a, h_t_a))
+    _check_same_shape(h_s_b, h_t_b, "h_s_b", "h_t_b", _projection_hint(h_s_b, h_t_b))
     mask = _check_mask(mask, _shape(h_s_a)[:2], "batch size, length")
     if mask is None:
         n = h_s_a.new_full((1, 1, 1), h_s_a.shape[1])
@@ -507,7 +609,14 @@ def fsp(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor
     return ((gram(h_s_a, h_s_b) - gram(h_t_a, h_t_b)) ** 2).mean()
 
 
-def nst(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor | None = None) -> Tensor:
+def nst(
+    h_s_a: Tensor,
+    h_s_b: Tensor,
+    h_t_a: Tensor,
+    h_t_b: Tensor,
+    mask: Tensor | None = None,
+    normalise: Literal["width", "textbrewer"] = "width",
+) -> Tensor:
     """Token-similarity loss between two layers (TextBrewer's ``nst``/``mmd``, a variant of Huang & Wang 2017's NST).
 
     ``S[b] = A[b] B[b]^T / D`` (L, L): similarities between the tokens of layers ``a`` and ``b``, for the student
@@ -515,16 +624,22 @@ def nst(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor
     ``loss = mean_{b, valid (i, j)} (S_s[b, i, j] - S_t[b, i, j]) ** 2`` where ``(i, j)`` is valid when both tokens
     are real. The widths may differ between student and teacher (no projection needed).
 
+    ``normalise="textbrewer"`` divides as TextBrewer 0.2.1's ``mmd_loss`` does: by the width without a mask, but by the
+    padded length ``L`` (for both models) with one, which changes the loss's scale with the padding.
+
     Args:
         h_s_a: Student features of the first layer, (B, L, D_s).
         h_s_b: Student features of the second layer, (B, L, D_s).
         h_t_a: Teacher features of the first layer, (B, L, D_t).
         h_t_b: Teacher features of the second layer, (B, L, D_t).
         mask: (B, L), True for real tokens; ``None`` for all.
+        normalise: ``"width"`` (``S = A B^T / D``) or ``"textbrewer"`` (``/ L`` when ``mask`` is given).
 
     Returns:
         A scalar: the mean over valid token pairs.
     """
+    if normalise not in ("width", "textbrewer"):
+        raise ValueError(f"Expected `normalise` to be 'width' or 'textbrewer' but got {normalise!r}.")
     _check_pair(h_s_a, h_s_b, "h_s_a", "h_s_b", same_width=True)
     _check_pair(h_t_a, h_t_b, "h_t_a", "h_t_b", same_width=True)
     if h_s_a.shape[:2] != h_t_a.shape[:2]:
@@ -533,8 +648,9 @@ def nst(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor
             f"{_shape(h_t_a)}."
         )
     mask = _check_mask(mask, _shape(h_s_a)[:2], "batch size, length")
-    sim_s = h_s_a @ h_s_b.transpose(1, 2) / h_s_a.shape[-1]  # (B, L, L)
-    sim_t = h_t_a @ h_t_b.transpose(1, 2) / h_t_a.shape[-1]  # (B, L, L)
+    by_length = normalise == "textbrewer" and mask is not None
+    sim_s = h_s_a @ h_s_b.transpose(1, 2) / h_s_a.shape[1 if by_length else -1]  # (B, L, L)
+    sim_t = h_t_a @ h_t_b.transpose(1, 2) / h_t_a.shape[1 if by_length else -1]  # (B, L, L)
     per_pair = (sim_s - sim_t) ** 2  # (B, L, L)
     if mask is None:
         return per_pair.mean()
@@ -543,3 +659,6 @@ def nst(h_s_a: Tensor, h_s_b: Tensor, h_t_a: Tensor, h_t_b: Tensor, mask: Tensor
 
 mmd = nst
 """Alias of :func:`nst` (TextBrewer maps both names to the same loss)."""
+
+gram = fsp
+"""Alias of :func:`fsp` (TextBrewer's ``"gram"`` name for the same loss)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,45 @@ def weight_schedule(name: str) -> Callable[[float], float]:
     return WEIGHT_SCHEDULES[name]
 
 
+WeightScheduleMode = Literal["multiply", "textbrewer"]
+
+
+def scheduled_weight(weight: float, name: str, progress: float, mode: WeightScheduleMode = "multiply") -> float:
+    """A loss weight at training progress ``progress`` under the weight schedule ``name``.
+
+    * ``mode="multiply"``: ``weight * schedule(p)`` from the first step on (``linear_growth`` starts at 0).
+    * ``mode="textbrewer"``: as TextBrewer 0.2.1's distillers: the configured ``weight`` until the first optimizer
+      step (``p == 0``), then ``schedule(p)`` *in place of* the weight (TextBrewer sets the weight to the schedule's
+      value after each optimizer step, so step ``k`` uses ``schedule(k / total)`` and the configured value only at
+      step 0).
+
+    ``"constant"`` returns ``weight`` in both modes.
+
+    Args:
+        weight: The configured weight.
+        name: ``"constant"``, ``"linear_decay"`` or ``"linear_growth"``.
+        progress: ``global_step / total_steps`` in [0, 1], with ``global_step`` the optimizer steps done so far.
+        mode: ``"multiply"`` or ``"textbrewer"``.
+
+    Returns:
+        The weight to use for this step.
+
+    Example:
+        >>> scheduled_weight(2.0, "linear_decay", 0.25), scheduled_weight(2.0, "linear_decay", 0.25, "textbrewer")
+        (1.5, 0.75)
+        >>> scheduled_weight(2.0, "linear_growth", 0.0), scheduled_weight(2.0, "linear_growth", 0.0, "textbrewer")
+        (0.0, 2.0)
+    """
+    if mode not in ("multiply", "textbrewer"):
+        raise ValueError(f"Expected `mode` to be 'multiply' or 'textbrewer' but got {mode!r}.")
+    schedule = weight_schedule(name)
+    if name == "constant":
+        return weight
+    if mode == "textbrewer":
+        return weight if progress <= 0 else schedule(progress)
+    return weight * schedule(progress)
+
+
 # ------------------------------------------------------------------------------------------ temperature schedules
 def constant_temperature(
     logits_s: Tensor, logits_t: Tensor, base_temperature: float, mask: Tensor | None = None
@@ -105,16 +145,19 @@ def flsw_temperature(
     gamma: float,
     mask: Tensor | None = None,
     min_temperature: float = 1e-2,
+    eps: float | None = None,
 ) -> Tensor:
     """Focal-loss-style weights (FLSW, arXiv:1911.07471): samples where student and teacher disagree are hard.
 
     ``v = z_s / |z_s|``, ``t = z_t / |z_t|`` (L2 over classes), ``w[n] = (1 - <v[n], t[n]>) ** gamma`` in
     [0, 2 ** gamma], and ``T[n] = max(base_temperature + beta * (mean_m w[m] - w[n]), min_temperature)``.
 
-    Same as TextBrewer's ``flsw`` scheduler, except: the mean may skip padded tokens (``mask``), ``1 - <v, t>`` is
-    clipped at 0 against rounding (a negative base with a fractional ``gamma`` would give ``nan``), zero logit
-    vectors normalise to 0 instead of ``nan``, and ``T`` is floored at ``min_temperature`` (TextBrewer lets it reach 0
-    or below when ``beta * 2 ** gamma`` is comparable to the base temperature).
+    Same as TextBrewer's ``flsw`` scheduler, except: the mean may skip padded tokens (``mask``; TextBrewer selects the
+    ``logits_mask`` positions first, which gives the same mean), ``1 - <v, t>`` is clipped at 0 against rounding (a
+    negative base with a fractional ``gamma`` would give ``nan``), and ``T`` is floored at ``min_temperature``
+    (TextBrewer lets it reach 0 or below when ``beta * 2 ** gamma`` is comparable to the base temperature). The
+    normalisation is exact by default (``v = z / max(|z|, 1e-12)``, a zero vector gives 0); ``eps=1e-4`` gives
+    TextBrewer's ``v = z / (|z| + 1e-4)``, whose vectors are slightly shorter than 1.
 
     Args:
         logits_s: Student logits, (N, C) or (B, L, C); detached here.
@@ -124,13 +167,18 @@ def flsw_temperature(
         gamma: Focusing exponent of the weights.
         mask: (B, L) or (N,): which samples enter the batch mean of ``w``; ``None`` for all.
         min_temperature: Floor of the returned temperatures.
+        eps: ``None`` for unit vectors; a float for ``z / (|z| + eps)`` (TextBrewer: ``1e-4``).
 
     Returns:
         Per-sample temperatures, (N,) or (B, L).
     """
     with torch.no_grad():
-        v = F.normalize(logits_s.detach(), dim=-1)  # (..., C)
-        t = F.normalize(logits_t.detach(), dim=-1)  # (..., C)
+        z_s, z_t = logits_s.detach(), logits_t.detach()
+        if eps is None:
+            v, t = F.normalize(z_s, dim=-1), F.normalize(z_t, dim=-1)  # (..., C)
+        else:
+            v = z_s / (z_s.norm(dim=-1, keepdim=True) + eps)  # (..., C)
+            t = z_t / (z_t.norm(dim=-1, keepdim=True) + eps)  # (..., C)
         w = (1 - (v * t).sum(dim=-1)).clamp_min(0) ** gamma  # (...)
         return _centre(w, base_temperature, beta, mask, min_temperature)
 
@@ -176,7 +224,7 @@ TemperatureSchedule = Callable[..., Tensor]
 
 
 def temperature_schedule(
-    name: str, flsw_beta: float = 1.0, flsw_gamma: float = 2.0, cwsm_beta: float = 1.0
+    name: str, flsw_beta: float = 1.0, flsw_gamma: float = 2.0, cwsm_beta: float = 1.0, flsw_eps: float | None = None
 ) -> TemperatureSchedule:
     """The temperature schedule called ``name``, with its parameters bound.
 
@@ -185,6 +233,7 @@ def temperature_schedule(
         flsw_beta: ``beta`` of :func:`flsw_temperature`.
         flsw_gamma: ``gamma`` of :func:`flsw_temperature`.
         cwsm_beta: ``beta`` of :func:`cwsm_temperature`.
+        flsw_eps: ``eps`` of :func:`flsw_temperature` (``None``: exact unit vectors; TextBrewer: ``1e-4``).
 
     Returns:
         ``schedule(logits_s, logits_t, base_temperature, mask=None)`` returning per-sample temperatures.
@@ -195,7 +244,7 @@ def temperature_schedule(
     if name == "constant":
         return constant_temperature
     if name == "flsw":
-        return partial(flsw_temperature, beta=flsw_beta, gamma=flsw_gamma)
+        return partial(flsw_temperature, beta=flsw_beta, gamma=flsw_gamma, eps=flsw_eps)
     if name == "cwsm":
         return partial(cwsm_temperature, beta=cwsm_beta)
     raise ValueError(f"Expected the temperature schedule to be one of 'constant', 'flsw', 'cwsm' but got {name!r}.")

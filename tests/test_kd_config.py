@@ -48,7 +48,7 @@ def test_intermediate_match_defaults_and_names():
         ),
         (
             dict(loss="l1"),
-            "Expected `loss` to be one of 'hidden_mse', 'cos', 'pkd', 'fsp', 'nst', 'mmd', 'attention_mse', "
+            "Expected `loss` to be one of 'hidden_mse', 'cos', 'pkd', 'fsp', 'gram', 'nst', 'mmd', 'attention_mse', "
             "'attention_mse_sum', 'attention_mse_mean', 'attention_ce', 'attention_ce_mean', a callable or a "
             "dotted import path (`mypkg.losses.fn`) but got 'l1'.",
         ),
@@ -59,8 +59,8 @@ def test_intermediate_match_defaults_and_names():
         ),
         (
             dict(loss="attention_mse"),
-            "Expected `loss` to be one of 'hidden_mse', 'cos', 'pkd', 'fsp', 'nst', 'mmd' for `feature='hidden'` but "
-            "got 'attention_mse'.",
+            "Expected `loss` to be one of 'hidden_mse', 'cos', 'pkd', 'fsp', 'gram', 'nst', 'mmd' for "
+            "`feature='hidden'` but got 'attention_mse'.",
         ),
         (
             dict(layer_t=[1, 2]),
@@ -121,7 +121,7 @@ def test_every_match_loss_has_a_function_with_the_right_head_reduction():
     for loss in ("hidden_mse", "cos"):
         assert IntermediateMatch(1, 1, loss=loss).loss_fn()(h_s, h_t, mask) == getattr(losses, loss)(h_s, h_t, mask)
     assert IntermediateMatch(1, 1, loss="pkd").loss_fn()(h_s, h_t, mask) == losses.pkd(h_s, h_t)
-    for loss, fn in (("fsp", losses.fsp), ("nst", losses.nst), ("mmd", losses.nst)):
+    for loss, fn in (("fsp", losses.fsp), ("gram", losses.fsp), ("nst", losses.nst), ("mmd", losses.nst)):
         match = IntermediateMatch([0, 1], [0, 1], loss=loss)
         assert match.loss_fn()(h_s, h_t, h_t, h_s, mask) == fn(h_s, h_t, h_t, h_s, mask)
 
@@ -261,3 +261,122 @@ def test_config_parses_from_yaml_like_lightning_cli():
     assert cfg.temperature == 8.0 and cfg.temperature_scheduler == "cwsm"
     assert cfg.intermediate_matches[0] == IntermediateMatch([0, 4], [0, 2], loss="fsp", projection=("linear", 4, 8))
     assert cfg.intermediate_matches[1].name == "attention_1_3_attention_ce_mean"
+
+
+# ------------------------------------------------------------------------------------- settings that give TextBrewer's
+def _l1(feature_s, feature_t, mask):
+    return (feature_s - feature_t).abs().mean()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            dict(weight_schedule_mode="replace"),
+            "Expected `weight_schedule_mode` to be one of 'multiply', 'textbrewer' but got 'replace'.",
+        ),
+        (
+            dict(projection_init="xavier"),
+            "Expected `projection_init` to be one of 'pytorch', 'textbrewer' but got 'xavier'.",
+        ),
+        (dict(flsw_eps=0.0), "Expected `flsw_eps` to be None or > 0 but got 0.0."),
+    ],
+)
+def test_textbrewer_settings_of_the_config_are_validated(kwargs, message):
+    assert error(DistillationConfig, **kwargs) == message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(variant="tb"), "Expected `variant` to be one of 'lit_kd', 'textbrewer' but got 'tb'."),
+        (
+            dict(loss=_l1, variant="textbrewer"),
+            "Expected `variant` to be 'lit_kd' with a user loss (only built-in losses have a TextBrewer variant) but "
+            "got 'textbrewer'.",
+        ),
+        (
+            dict(score_threshold=-1e-3),
+            "Expected `score_threshold` to be left at its default except for built-in attention losses of the "
+            "'lit_kd' variant (the TextBrewer variant uses TextBrewer's -1e-3) but got -0.001 with "
+            "`feature='hidden'`, `variant='lit_kd'`.",
+        ),
+        (
+            dict(feature="attention", loss="attention_mse", score_threshold="low"),
+            "Expected `score_threshold` to be a number (or -inf) but got 'low'.",
+        ),
+        (
+            dict(projection_options={"lr": 1e-3}),
+            "Expected `projection_options` to be None when `projection` is None (there is no projection to "
+            "optimise) but got {'lr': 0.001}.",
+        ),
+        (
+            dict(projection=("linear", 4, 8), projection_options={"params": []}),
+            "Expected `projection_options` to be a dict of optimizer parameter-group options (e.g. {'lr': 1e-3}) "
+            "without 'params' but got {'params': []}.",
+        ),
+        (
+            dict(projection=("linear", 4, 8), projection_options={"lr": 0}),
+            "Expected `projection_options['lr']` to be > 0 but got 0.",
+        ),
+    ],
+)
+def test_textbrewer_settings_of_a_match_are_validated(kwargs, message):
+    kwargs = {"layer_t": 3, "layer_s": 1, **kwargs}
+    assert error(IntermediateMatch, **kwargs) == message
+
+
+def test_weight_schedule_modes():
+    multiply = DistillationConfig(kd_loss_weight=2.0, kd_loss_weight_scheduler="linear_decay")
+    textbrewer = DistillationConfig(
+        kd_loss_weight=2.0, kd_loss_weight_scheduler="linear_decay", weight_schedule_mode="textbrewer"
+    )
+    assert [multiply.kd_loss_weight_at(p) for p in (0.0, 0.25, 1.0)] == [2.0, 1.5, 0.0]
+    # TextBrewer replaces the weight by the schedule's value after the first optimizer step
+    assert [textbrewer.kd_loss_weight_at(p) for p in (0.0, 0.25, 1.0)] == [2.0, 0.75, 0.0]
+    growth = DistillationConfig(hard_label_weight=0.5, hard_label_weight_scheduler="linear_growth")
+    assert [growth.hard_label_weight_at(p) for p in (0.0, 0.5)] == [0.0, 0.25]
+    growth.weight_schedule_mode = "textbrewer"
+    assert [growth.hard_label_weight_at(p) for p in (0.0, 0.5)] == [0.5, 0.5]
+
+
+def test_match_variants_and_thresholds_choose_their_functions():
+    torch.manual_seed(0)
+    scores_s, scores_t = torch.randn(2, 3, 4, 4) * 3, torch.randn(2, 3, 4, 4) * 3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    tb = IntermediateMatch(1, 1, feature="attention", loss="attention_ce_mean", variant="textbrewer")
+    assert not tb.takes_scores
+    assert tb.loss_fn()(scores_s, scores_t, mask) == losses.attention_ce_textbrewer(scores_s, scores_t, mask, "mean")
+    low = IntermediateMatch(1, 1, feature="attention", loss="attention_mse", score_threshold=-1.0)
+    assert low.takes_scores
+    assert low.loss_fn()(scores_s, scores_t, None, scores=True) == losses.attention_mse(
+        scores_s.masked_fill(scores_s <= -1, 0), scores_t.masked_fill(scores_t <= -1, 0)
+    )
+    h = [torch.randn(2, 4, 8) for _ in range(4)]
+    nst = IntermediateMatch([0, 1], [0, 1], loss="mmd", variant="textbrewer").loss_fn()
+    assert nst(*h, mask) == losses.nst(*h, mask, normalise="textbrewer")
+    assert nst(*h, None) == losses.nst(*h, None)  # without a mask TextBrewer also divides by the width
+
+
+def test_textbrewer_settings_parse_from_yaml():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--distillation", type=DistillationConfig)
+    config = parser.parse_string(
+        """
+        distillation:
+          temperature_scheduler: flsw
+          flsw_eps: 1.0e-4
+          weight_schedule_mode: textbrewer
+          projection_init: textbrewer
+          intermediate_matches:
+            - {layer_t: 3, layer_s: 1, feature: attention, loss: attention_ce, variant: textbrewer}
+            - {layer_t: 2, layer_s: 1, feature: attention, loss: attention_mse, score_threshold: -.inf}
+            - {layer_t: [0, 2], layer_s: [0, 1], loss: gram, projection: [linear, 4, 8], projection_options: {lr: 0.01}}
+        """
+    )
+    cfg = parser.instantiate(config).distillation
+    assert (cfg.flsw_eps, cfg.weight_schedule_mode, cfg.projection_init) == (1e-4, "textbrewer", "textbrewer")
+    ce, mse, gram = cfg.intermediate_matches
+    assert ce.variant == "textbrewer" and mse.score_threshold == float("-inf")
+    assert gram.two_layers and gram.projection_options == {"lr": 0.01}

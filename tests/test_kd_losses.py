@@ -10,9 +10,12 @@ import torch
 
 from lit_kd.losses import (
     attention_ce,
+    attention_ce_textbrewer,
     attention_mse,
+    attention_mse_textbrewer,
     cos,
     fsp,
+    gram,
     hidden_mse,
     kd_bce,
     kd_ce,
@@ -176,6 +179,14 @@ def test_shift_probability_swaps_top_and_gold_logits_where_the_teacher_is_wrong(
         shift_probability(logits, torch.tensor([0, 1]))
 
 
+def test_shift_probability_leaves_every_negative_label_alone():
+    logits = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 1.0], [0.0, 1.0, 4.0]])
+    for labels in (torch.tensor([-1, -1, -7]), torch.tensor([-100, -1, -2])):  # unlabelled rows, any negative id
+        assert torch.equal(shift_probability(logits, labels), logits)
+    shifted = shift_probability(logits, torch.tensor([0, -1, 1]))
+    assert torch.equal(shifted, torch.tensor([[5.0, 1.0, 2.0], [3.0, 0.0, 1.0], [0.0, 4.0, 1.0]]))
+
+
 # --------------------------------------------------------------------------------------------------- hidden losses
 def test_hidden_mse_and_cos_match_loops_over_valid_tokens():
     hs, ht = rand(2, 4, 3, seed=15), rand(2, 4, 3, seed=16)
@@ -210,10 +221,32 @@ def test_hidden_shape_error_suggests_a_projection():
         "Expected `h_s` and `h_t` to have the same shape but got (2, 5, 8) and (2, 5, 16); add a projection to the "
         "IntermediateMatch."
     )
-    for fn in (hidden_mse, cos, pkd):
+    for fn in (hidden_mse, cos):
         with pytest.raises(ValueError) as error:
             fn(rand(2, 5, 8), rand(2, 5, 16))
         assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        pkd(rand(2, 5, 8), rand(2, 5, 16))
+    assert str(error.value) == (
+        "Expected `h_s[:, 0]` and `h_t[:, 0]` to have the same shape but got (2, 8) and (2, 16); add a projection to "
+        "the IntermediateMatch."
+    )
+
+
+def test_a_projection_is_suggested_only_when_the_widths_alone_differ():
+    with pytest.raises(ValueError) as error:
+        hidden_mse(rand(2, 5, 8), rand(2, 7, 8))  # other lengths (e.g. tokenizers): a projection would not help
+    assert str(error.value) == "Expected `h_s` and `h_t` to have the same shape but got (2, 5, 8) and (2, 7, 8)."
+
+
+def test_pkd_reads_the_first_token_only_so_the_lengths_may_differ():
+    hs, ht = rand(3, 5, 8, seed=1), rand(3, 9, 8, seed=2)
+    u_s = hs[:, 0].numpy() / np.linalg.norm(hs[:, 0].numpy(), axis=-1, keepdims=True)
+    u_t = ht[:, 0].numpy() / np.linalg.norm(ht[:, 0].numpy(), axis=-1, keepdims=True)
+    assert pkd(hs, ht).item() == pytest.approx(((u_s - u_t) ** 2).sum(-1).mean(), **APPROX)
+    assert pkd(hs, ht[:, 0]).item() == pytest.approx(((u_s - u_t) ** 2).sum(-1).mean(), **APPROX)
+    with pytest.raises(ValueError, match=r"Expected `h_s\[:, 0\]` and `h_t\[:, 0\]` .* \(3, 8\) and \(2, 8\)\.$"):
+        pkd(hs, ht[:2])
 
 
 # ------------------------------------------------------------------------------------------------ attention losses
@@ -339,6 +372,71 @@ def test_attention_ce_mean_over_heads():
         attention_ce(ps, pt, MASK, head_reduce="sum")
 
 
+def test_attention_score_threshold_is_configurable():
+    scores_s, scores_t = rand(2, 2, 4, 4, seed=60) * 3, rand(2, 2, 4, 4, seed=61) * 3
+    zeroed = [np.where(x.numpy() <= -1.0, 0.0, x.numpy()) for x in (scores_s, scores_t)]
+    expected = np.mean((zeroed[0] - zeroed[1]) ** 2)
+    assert attention_mse(scores_s, scores_t, scores=True, score_threshold=-1.0).item() == pytest.approx(
+        expected, **APPROX
+    )
+    assert attention_mse(scores_s, scores_t, scores=True).item() == pytest.approx(  # -1e3: nothing is masked here
+        np.mean((scores_s.numpy() - scores_t.numpy()) ** 2), **APPROX
+    )
+    # attention_ce: keys scored at or below the threshold leave both softmaxes
+    a_s, a_t = rand(1, 1, 5, 5, seed=66).abs(), rand(1, 1, 5, 5, seed=67).abs()  # scores > -1
+    a_s[..., [1, 3]], a_t[..., [1, 3]] = -2.0, -2.0  # two keys masked by the "model"
+    keep = [0, 2, 4]
+    expected = -(torch.softmax(a_t[..., keep], -1) * torch.log_softmax(a_s[..., keep], -1)).sum(-1).mean()
+    assert attention_ce(a_s, a_t, scores=True, score_threshold=-1.0).item() == pytest.approx(expected.item(), **APPROX)
+    assert attention_ce(a_s, a_t, scores=True).item() != pytest.approx(expected.item(), **APPROX)  # -2 kept at -1e3
+
+
+def textbrewer_ce_loop(a_s, a_t, mask):
+    """Per query row: -sum_j softmax(a_t)_j log softmax(a_s)_j over all keys, then P_t zeroed where TextBrewer does."""
+    rows = []
+    for b in range(a_s.shape[0]):
+        for h in range(a_s.shape[1]):
+            for i in range(a_s.shape[2]):
+                if mask is not None and not mask[b, i]:
+                    continue
+                p_t = np.exp(a_t[b, h, i]) / np.exp(a_t[b, h, i]).sum()
+                log_p_s = a_s[b, h, i] - np.log(np.exp(a_s[b, h, i]).sum())
+                keep = a_t[b, h, i] > -1e-3 if mask is None else mask[b].numpy()
+                rows.append(-(np.where(keep, p_t, 0.0) * log_p_s).sum())
+    return np.mean(rows)
+
+
+def test_textbrewer_attention_variants_match_loops():
+    _, p_s = attention_probs(2, 3, 4, seed=62, key_mask=MASK)
+    _, p_t = attention_probs(2, 3, 4, seed=63, key_mask=MASK)
+    scores_s, scores_t = rand(2, 3, 4, 4, seed=64), rand(2, 3, 4, 4, seed=65)
+    for a_s, a_t in ((p_s, p_t), (scores_s, scores_t)):  # transformers' probabilities, raw scores
+        for mask in (MASK, None):
+            assert attention_ce_textbrewer(a_s, a_t, mask).item() == pytest.approx(
+                textbrewer_ce_loop(a_s.numpy(), a_t.numpy(), mask), **APPROX
+            )
+            mean_s, mean_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+            assert attention_ce_textbrewer(a_s, a_t, mask, head_reduce="mean").item() == pytest.approx(
+                textbrewer_ce_loop(mean_s.numpy(), mean_t.numpy(), mask), **APPROX
+            )
+        # attention_mse: unmasked, every entry <= -1e-3 is zeroed (after the head sum); masked, nothing is
+        for reduce, fn in (("none", lambda a: a), ("sum", lambda a: a.sum(1))):
+            r_s, r_t = fn(a_s).numpy(), fn(a_t).numpy()
+            zeroed = [np.where(x <= -1e-3, 0.0, x) for x in (r_s, r_t)]
+            assert attention_mse_textbrewer(a_s, a_t, head_reduce=reduce).item() == pytest.approx(
+                np.mean((zeroed[0] - zeroed[1]) ** 2), **APPROX
+            )
+            pairs = (MASK[:, :, None] & MASK[:, None, :]).numpy()
+            if reduce == "none":
+                pairs = np.broadcast_to(pairs[:, None], r_s.shape)
+            expected = ((r_s - r_t) ** 2)[pairs].mean()
+            assert attention_mse_textbrewer(a_s, a_t, MASK, head_reduce=reduce).item() == pytest.approx(
+                expected, **APPROX
+            )
+    with pytest.raises(ValueError, match="Expected `head_reduce` to be 'none' or 'mean' for attention_ce"):
+        attention_ce_textbrewer(p_s, p_t, head_reduce="sum")
+
+
 def test_attention_input_errors():
     with pytest.raises(ValueError, match="Expected `head_reduce` to be one of"):
         attention_mse(rand(1, 2, 3, 3), rand(1, 2, 3, 3), head_reduce="max")
@@ -393,7 +491,7 @@ def test_nst_matches_a_loop_across_widths():
         if mask[b, i] and mask[b, j]
     ]
     assert nst(sa, sb, ta, tb, mask).item() == pytest.approx(np.mean(terms), **APPROX)
-    assert mmd is nst
+    assert mmd is nst and gram is fsp
     all_terms = [
         (s_a[b, i] @ s_b[b, j] / 3 - t_a[b, i] @ t_b[b, j] / 6) ** 2
         for b in range(2)
@@ -405,6 +503,24 @@ def test_nst_matches_a_loop_across_widths():
         nst(sa, rand(2, 4, 5), ta, tb)
     with pytest.raises(ValueError, match="Expected `h_s_a` and `h_t_a` to have the same batch size and length"):
         nst(sa, sb, rand(2, 5, 6), rand(2, 5, 6))
+
+
+def test_nst_textbrewer_normalisation_divides_by_the_length_under_a_mask():
+    sa, sb = rand(2, 4, 3, seed=39), rand(2, 4, 3, seed=40)
+    ta, tb = rand(2, 4, 6, seed=41), rand(2, 4, 6, seed=42)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    s_a, s_b, t_a, t_b = (x.numpy() for x in (sa, sb, ta, tb))
+    terms = [
+        (s_a[b, i] @ s_b[b, j] / 4 - t_a[b, i] @ t_b[b, j] / 4) ** 2  # / L = 4 for both models
+        for b in range(2)
+        for i in range(4)
+        for j in range(4)
+        if mask[b, i] and mask[b, j]
+    ]
+    assert nst(sa, sb, ta, tb, mask, normalise="textbrewer").item() == pytest.approx(np.mean(terms), **APPROX)
+    assert nst(sa, sb, ta, tb, normalise="textbrewer").item() == nst(sa, sb, ta, tb).item()  # / D without a mask
+    with pytest.raises(ValueError, match="Expected `normalise` to be 'width' or 'textbrewer' but got 'length'."):
+        nst(sa, sb, ta, tb, normalise="length")
 
 
 @pytest.mark.parametrize("name", ["kd_ce", "kd_kl", "kd_mse", "kd_bce"])

@@ -120,3 +120,18 @@ def test_temperature_schedule_binds_parameters():
         temperature_schedule("annealing")
     with pytest.raises(ValueError, match=r"Expected `mask` to have shape \(3,\)"):
         cwsm(zs, zt, 2.0, mask=torch.ones(4, dtype=torch.bool))
+
+
+def test_flsw_eps_normalises_as_textbrewer():
+    zs = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    zt = torch.tensor([[4.0, 3.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    eps = 1e-4
+    # v = z / (|z| + eps): <v, t> = 24 / ((5 + eps) * (5 + eps)), 0 (a zero row stays finite), 0
+    w = [(1 - 24 / (5 + eps) ** 2) ** 2, 1.0, 1.0]
+    t = flsw_temperature(zs, zt, base_temperature=4.0, beta=1.0, gamma=2.0, eps=eps)
+    assert t.tolist() == pytest.approx([4 + (sum(w) / 3 - wi) for wi in w], rel=1e-12)
+    exact = flsw_temperature(zs, zt, base_temperature=4.0, beta=1.0, gamma=2.0)  # unit vectors: 24 / 25
+    w = [(1 - 24 / 25) ** 2, 1.0, 1.0]
+    assert exact.tolist() == pytest.approx([4 + (sum(w) / 3 - wi) for wi in w], rel=1e-12)
+    bound = temperature_schedule("flsw", flsw_beta=1.0, flsw_gamma=2.0, flsw_eps=eps)
+    assert torch.equal(bound(zs, zt, 4.0), t)
