@@ -61,7 +61,7 @@ ProjectionKind = Literal["linear", "relu", "tanh"]
 KDLossType = Literal["ce", "kl", "mse", "bce"]
 HardLabelLoss = Literal["ce", "bce"]
 TemperatureScheduler = Literal["constant", "flsw", "cwsm"]
-WeightScheduler = Literal["constant", "linear_decay", "linear_growth"]
+WeightScheduler = Literal["constant", "linear_decay", "linear_growth", "first_stage", "second_stage"]
 WeightScheduleMode = schedulers.WeightScheduleMode
 ProjectionInit = Literal["pytorch", "textbrewer"]
 MatchVariant = Literal["lit_kd", "textbrewer"]
@@ -262,6 +262,9 @@ class IntermediateMatch:
         projection_options: Options of the projection's optimizer parameter group, e.g. ``{"lr": 1e-3,
             "weight_decay": 0.0}`` (TextBrewer's ``proj[3]``); they override the optimizer's defaults and
             ``projection_lr`` for this projection. Needs ``projection``.
+        weight_scheduler: Schedules ``weight`` over training like ``DistillationConfig.kd_loss_weight_scheduler``;
+            ``"first_stage"`` here with ``kd_loss_weight_scheduler="second_stage"`` is TinyBERT's staged
+            distillation (intermediate layers first, then the predictions; see ``DistillationConfig.stage_boundary``).
     """
 
     layer_t: int | list[int] | str
@@ -274,9 +277,11 @@ class IntermediateMatch:
     variant: MatchVariant = "lit_kd"
     score_threshold: float = losses.MASKED_SCORE_THRESHOLD
     projection_options: dict[str, Any] | None = None
+    weight_scheduler: WeightScheduler = "constant"
 
     def __post_init__(self) -> None:
         _check_choice("feature", self.feature, Feature)
+        _check_choice("weight_scheduler", self.weight_scheduler, WeightScheduler)
         _check_choice("variant", self.variant, MatchVariant)
         self._user_loss = resolve_loss(self.loss, "loss", get_args(MatchLoss), ("feature_s", "feature_t", "mask"))
         if self._user_loss is not None and self.variant != "lit_kd":
@@ -443,6 +448,9 @@ class DistillationConfig:
         weight_schedule_mode: How a schedule acts on its weight: ``"multiply"`` (``weight * schedule(p)`` from step 0
             on) or ``"textbrewer"`` (TextBrewer 0.2.1: the configured weight at step 0, then ``schedule(p)`` in its
             place, ``p`` counting the optimizer steps done; see :func:`lit_kd.schedulers.scheduled_weight`).
+        stage_boundary: Training progress in (0, 1) where the ``"first_stage"`` schedules end and the
+            ``"second_stage"`` ones start (staged distillation: e.g. matches with ``weight_scheduler="first_stage"``,
+            ``kd_loss_weight_scheduler="second_stage"``).
         hard_label_loss: The student's loss on the gold labels: ``None`` for the model's own loss when it reports one
             (``outputs.loss``), else cross-entropy (binary cross-entropy with ``kd_loss_type="bce"``); ``"ce"``,
             ``"bce"``, or a user loss ``fn(logits, labels, mask)`` (a callable or a dotted import path).
@@ -473,6 +481,7 @@ class DistillationConfig:
     probability_shift: bool = False
     intermediate_matches: list[IntermediateMatch] = field(default_factory=list)
     weight_schedule_mode: WeightScheduleMode = "multiply"
+    stage_boundary: float = 0.5
     flsw_eps: float | None = None
     projection_init: ProjectionInit = "pytorch"
 
@@ -481,6 +490,8 @@ class DistillationConfig:
             raise ValueError(f"Expected `temperature` to be > 0 but got {self.temperature!r}.")
         _check_choice("temperature_scheduler", self.temperature_scheduler, TemperatureScheduler)
         _check_choice("weight_schedule_mode", self.weight_schedule_mode, WeightScheduleMode)
+        if not 0 < self.stage_boundary < 1:
+            raise ValueError(f"Expected `stage_boundary` to be in (0, 1) but got {self.stage_boundary!r}.")
         _check_choice("projection_init", self.projection_init, ProjectionInit)
         if self.flsw_eps is not None and (isinstance(self.flsw_eps, bool) or not self.flsw_eps > 0):
             raise ValueError(f"Expected `flsw_eps` to be None or > 0 but got {self.flsw_eps!r}.")
@@ -587,14 +598,24 @@ class DistillationConfig:
         """``kd_loss_weight`` under ``kd_loss_weight_scheduler`` at ``progress`` in [0, 1] (see
         ``weight_schedule_mode``)."""
         return schedulers.scheduled_weight(
-            self.kd_loss_weight, self.kd_loss_weight_scheduler, progress, self.weight_schedule_mode
+            self.kd_loss_weight, self.kd_loss_weight_scheduler, progress, self.weight_schedule_mode, self.stage_boundary
         )
 
     def hard_label_weight_at(self, progress: float) -> float:
         """``hard_label_weight`` under ``hard_label_weight_scheduler`` at ``progress`` in [0, 1] (see
         ``weight_schedule_mode``)."""
         return schedulers.scheduled_weight(
-            self.hard_label_weight, self.hard_label_weight_scheduler, progress, self.weight_schedule_mode
+            self.hard_label_weight,
+            self.hard_label_weight_scheduler,
+            progress,
+            self.weight_schedule_mode,
+            self.stage_boundary,
+        )
+
+    def match_weight_at(self, match: IntermediateMatch, progress: float) -> float:
+        """An intermediate match's ``weight`` under its ``weight_scheduler`` at ``progress`` in [0, 1]."""
+        return schedulers.scheduled_weight(
+            match.weight, match.weight_scheduler, progress, self.weight_schedule_mode, self.stage_boundary
         )
 
     def validate_layers(

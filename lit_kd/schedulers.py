@@ -44,18 +44,35 @@ def linear_growth(progress: float) -> float:
     return min(max(progress, 0.0), 1.0)
 
 
-WEIGHT_SCHEDULES: dict[str, Callable[[float], float]] = {
+def first_stage(progress: float, boundary: float = 0.5) -> float:
+    """``1`` before ``boundary``, ``0`` from it on: a term of the first stage of staged distillation."""
+    return 1.0 if progress < boundary else 0.0
+
+
+def second_stage(progress: float, boundary: float = 0.5) -> float:
+    """``0`` before ``boundary``, ``1`` from it on: a term of the second stage of staged distillation."""
+    return 0.0 if progress < boundary else 1.0
+
+
+WEIGHT_SCHEDULES: dict[str, Callable[..., float]] = {
     "constant": constant,
     "linear_decay": linear_decay,
     "linear_growth": linear_growth,
+    "first_stage": first_stage,
+    "second_stage": second_stage,
 }
 
 
-def weight_schedule(name: str) -> Callable[[float], float]:
+def weight_schedule(name: str, stage_boundary: float = 0.5) -> Callable[[float], float]:
     """The weight schedule called ``name``.
 
+    Staged distillation (TinyBERT's two stages: intermediate layers first, then the prediction layer) is two
+    schedules: ``"first_stage"`` on the intermediate matches and ``"second_stage"`` on the KD (and hard-label) term,
+    switching at ``stage_boundary``.
+
     Args:
-        name: ``"constant"``, ``"linear_decay"`` or ``"linear_growth"``.
+        name: ``"constant"``, ``"linear_decay"``, ``"linear_growth"``, ``"first_stage"`` or ``"second_stage"``.
+        stage_boundary: Training progress in (0, 1) where the second stage starts.
 
     Returns:
         A function of the training progress ``p`` in [0, 1] returning the weight multiplier.
@@ -66,13 +83,17 @@ def weight_schedule(name: str) -> Callable[[float], float]:
     if name not in WEIGHT_SCHEDULES:
         valid = ", ".join(repr(n) for n in WEIGHT_SCHEDULES)
         raise ValueError(f"Expected the weight schedule to be one of {valid} but got {name!r}.")
+    if name in ("first_stage", "second_stage"):
+        return partial(WEIGHT_SCHEDULES[name], boundary=stage_boundary)
     return WEIGHT_SCHEDULES[name]
 
 
 WeightScheduleMode = Literal["multiply", "textbrewer"]
 
 
-def scheduled_weight(weight: float, name: str, progress: float, mode: WeightScheduleMode = "multiply") -> float:
+def scheduled_weight(
+    weight: float, name: str, progress: float, mode: WeightScheduleMode = "multiply", stage_boundary: float = 0.5
+) -> float:
     """A loss weight at training progress ``progress`` under the weight schedule ``name``.
 
     * ``mode="multiply"``: ``weight * schedule(p)`` from the first step on (``linear_growth`` starts at 0).
@@ -88,6 +109,7 @@ def scheduled_weight(weight: float, name: str, progress: float, mode: WeightSche
         name: ``"constant"``, ``"linear_decay"`` or ``"linear_growth"``.
         progress: ``global_step / total_steps`` in [0, 1], with ``global_step`` the optimizer steps done so far.
         mode: ``"multiply"`` or ``"textbrewer"``.
+        stage_boundary: Where ``"first_stage"``/``"second_stage"`` switch.
 
     Returns:
         The weight to use for this step.
@@ -100,7 +122,7 @@ def scheduled_weight(weight: float, name: str, progress: float, mode: WeightSche
     """
     if mode not in ("multiply", "textbrewer"):
         raise ValueError(f"Expected `mode` to be 'multiply' or 'textbrewer' but got {mode!r}.")
-    schedule = weight_schedule(name)
+    schedule = weight_schedule(name, stage_boundary)
     if name == "constant":
         return weight
     if mode == "textbrewer":

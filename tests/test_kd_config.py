@@ -159,12 +159,14 @@ def test_distillation_config_defaults():
         ),
         (
             dict(kd_loss_weight_scheduler="cosine"),
-            "Expected `kd_loss_weight_scheduler` to be one of 'constant', 'linear_decay', 'linear_growth' but got "
+            "Expected `kd_loss_weight_scheduler` to be one of 'constant', 'linear_decay', 'linear_growth', "
+            "'first_stage', 'second_stage' but got "
             "'cosine'.",
         ),
         (
             dict(hard_label_weight_scheduler="none"),
-            "Expected `hard_label_weight_scheduler` to be one of 'constant', 'linear_decay', 'linear_growth' but got "
+            "Expected `hard_label_weight_scheduler` to be one of 'constant', 'linear_decay', 'linear_growth', "
+            "'first_stage', 'second_stage' but got "
             "'none'.",
         ),
         (

@@ -33,11 +33,14 @@ def test_weight_schedules_at_fixed_progress(fn, expected):
 
 
 def test_weight_schedule_rejects_unknown_names():
-    message = "Expected the weight schedule to be one of 'constant', 'linear_decay', 'linear_growth' but got 'cosine'."
+    message = (
+        "Expected the weight schedule to be one of 'constant', 'linear_decay', 'linear_growth', 'first_stage', "
+        "'second_stage' but got 'cosine'."
+    )
     with pytest.raises(ValueError) as error:
         weight_schedule("cosine")
     assert str(error.value) == message
-    assert set(WEIGHT_SCHEDULES) == {"constant", "linear_decay", "linear_growth"}
+    assert set(WEIGHT_SCHEDULES) == {"constant", "linear_decay", "linear_growth", "first_stage", "second_stage"}
 
 
 def test_constant_temperature_is_per_sample():

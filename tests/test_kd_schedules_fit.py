@@ -267,3 +267,26 @@ def test_a_weight_that_starts_at_zero_does_not_stop_the_first_step(tmp_path):
     assert record.logged["train/kd_weight"] == pytest.approx([0.0, 1 / 3, 2 / 3])
     assert record.losses[0] == 0.0 and record.logged["train/kd"][0] > 0  # computed and logged, weighted by 0
     assert record.losses[1] == pytest.approx(record.logged["train/kd"][1] / 3, rel=1e-5)
+
+
+def test_staged_distillation_matches_first_then_predictions(tmp_path):
+    """TinyBERT's two stages in one config: the match alone before ``stage_boundary``, the KD term alone after."""
+    from lit_kd import IntermediateMatch
+    from tests.test_kd_module import bert, loader
+
+    match = IntermediateMatch(4, 2, projection=("linear", 8, 16), weight=0.5, weight_scheduler="first_stage", name="h")
+    config = DistillationConfig(
+        temperature=2.0, kd_loss_weight_scheduler="second_stage", stage_boundary=0.5, intermediate_matches=[match]
+    )
+    module = DistillationModule(bert(4, 16, 0), bert(2, 8, 1), config, num_labels=3)
+    record = Record("train/kd", "train/match/h", "train/kd_weight")
+    fit(module, loader(4), tmp_path, [record], max_steps=4)
+    assert record.logged["train/kd_weight"] == [0.0, 0.0, 1.0, 1.0]  # p = 0, 1/4 | 1/2, 3/4
+    for i, loss in enumerate(record.losses):
+        expected = 0.5 * record.logged["train/match/h"][i] if i < 2 else record.logged["train/kd"][i]
+        assert loss == pytest.approx(expected, rel=1e-5)
+    assert config.match_weight_at(match, 0.49) == 0.5 and config.match_weight_at(match, 0.5) == 0.0
+    with pytest.raises(ValueError, match=r"`stage_boundary` to be in \(0, 1\)"):
+        DistillationConfig(stage_boundary=1.0)
+    with pytest.raises(ValueError, match="`weight_scheduler` to be one of"):
+        IntermediateMatch(1, 1, weight_scheduler="second")
