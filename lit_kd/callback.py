@@ -55,7 +55,8 @@ class DistillationCallback(L.Callback):
 
     Args:
         teacher: The teacher, a list of teachers (an ensemble), or a dict ``{task: teacher or list}`` (each batch
-            names its task in ``batch["task"]``).
+            names its task in ``batch["task"]``; a batch of several tasks, a ``CombinedLoader``'s ``{task: batch}``,
+            is refused with an error: your ``training_step`` would run the student once per task).
         config: What to distil (KD loss, temperature and its schedule, weights, intermediate matches);
             ``hard_label_weight`` must stay 0 (your ``training_step``'s loss is the hard-label term). ``None`` for
             the defaults.
@@ -71,7 +72,8 @@ class DistillationCallback(L.Callback):
             ``inputs(batch)``.
         teacher_reduce: How several teachers' soft targets combine: mean of ``"logits"`` or of ``"probs"``.
         teacher_dtype: ``"float32"``, or ``"bfloat16"`` for the teachers' weights.
-        projection_lr: Learning rate of the projections' parameter group; ``None`` for the optimizer's.
+        projection_lr: Learning rate of the projections' parameter group; ``None`` for the optimizer's. A match's
+            ``projection_options`` give its projection a group of its own (they override this).
         optimizer_index: Which of your optimizers (``trainer.optimizers``) takes the projections.
 
     Raises:
@@ -190,21 +192,20 @@ class DistillationCallback(L.Callback):
         optimizer = trainer.optimizers[self.optimizer_index]
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not held & {id(p) for p in params}:
-            group: dict[str, Any] = {"params": params}
-            if self.projection_lr is not None:
-                group["lr"] = self.projection_lr
-            optimizer.add_param_group(group)
-            added = optimizer.param_groups[-1]
-            for config in trainer.lr_scheduler_configs:
-                scheduler = config.scheduler
-                if getattr(scheduler, "optimizer", None) is not optimizer or not hasattr(scheduler, "base_lrs"):
-                    continue
-                added.setdefault("initial_lr", added["lr"])
-                scheduler.base_lrs.append(added["initial_lr"])
-                if hasattr(scheduler, "_last_lr"):
-                    scheduler._last_lr.append(added["lr"])
-                if hasattr(scheduler, "lr_lambdas"):  # LambdaLR, MultiplicativeLR: the first group's factor
-                    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+            # One group for the projections (`projection_lr`), one more per match with `projection_options`.
+            for group in self.distiller.projection_param_groups(self.projection_lr):
+                optimizer.add_param_group(group)
+                added = optimizer.param_groups[-1]
+                for config in trainer.lr_scheduler_configs:
+                    scheduler = config.scheduler
+                    if getattr(scheduler, "optimizer", None) is not optimizer or not hasattr(scheduler, "base_lrs"):
+                        continue
+                    added.setdefault("initial_lr", added["lr"])
+                    scheduler.base_lrs.append(added["initial_lr"])
+                    if hasattr(scheduler, "_last_lr"):
+                        scheduler._last_lr.append(added["lr"])
+                    if hasattr(scheduler, "lr_lambdas"):  # LambdaLR, MultiplicativeLR: the first group's factor
+                        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
         self._optimizer = optimizer
 
     def _distilled_step(
@@ -212,6 +213,7 @@ class DistillationCallback(L.Callback):
     ) -> Any:
         batch = args[0] if args else kwargs["batch"]
         d = self.distiller
+        d.start_task(d.task(batch))  # one task per batch; the first batch of each has its views checked
         t_views = d.teacher_views(batch)  # teachers first: their unmatched features are freed before the student's
         outputs: list[Any] = []
         hook = self._student.register_forward_hook(lambda module, inputs, output: outputs.append(output))

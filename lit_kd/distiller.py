@@ -24,15 +24,16 @@ under ``torch.no_grad()``; their views keep only the hidden states and attention
 place of the others), so the rest is freed before the student's forward. Several teachers (a list) have their soft
 targets averaged as logits (``teacher_reduce="logits"``) or as probabilities (``"probs"``: the logits
 ``T * log(mean_i softmax(z_i / T))``, whose tempered softmax is the mean distribution). Several tasks: ``teacher``
-(and the adaptors) may be dicts keyed by task name; each batch names its task in ``batch["task"]``. Different
-inputs for teacher and student: a batch may carry ``teacher`` and ``student`` parts; each model is called with its
-part (top-level ``labels``/``task``/``index`` are shared).
+(and the adaptors) may be dicts keyed by task name; a batch is one task's (named by ``batch["task"]``) or, as
+Lightning's ``CombinedLoader({task: loader})`` gives it, ``{task: batch of that task}`` (see
+:meth:`Distiller.task_batches`). Different inputs for teacher and student: a batch may carry ``teacher`` and
+``student`` parts; each model is called with its part (top-level ``labels``/``task``/``index`` are shared).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import is_dataclass, replace
 from typing import Any, Literal
 
@@ -46,14 +47,35 @@ from lit_kd.config import DistillationConfig, IntermediateMatch, loss_name
 from lit_kd.features import FeatureCapture
 from lit_kd.losses import shift_probability
 
-__all__ = ["DEFAULT_TASK", "Distiller"]
+__all__ = ["DEFAULT_TASK", "Distiller", "batch_task", "split_tasks"]
 
 DEFAULT_TASK = "default"
 _ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def _projection(kind: str, dim_s: int, dim_t: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim_s, dim_t), _ACTIVATIONS[kind]())
+def _projection(kind: str, dim_s: int, dim_t: int, init: str = "pytorch") -> nn.Module:
+    """``Linear(dim_s, dim_t)`` and the activation ``kind``; ``init="textbrewer"`` draws the weights as TextBrewer does
+    (after ``nn.Linear``'s own initialisation, normal(0, 0.02) weights and zero biases: the same random draws, so the
+    same weights under the same seed)."""
+    projection = nn.Sequential(nn.Linear(dim_s, dim_t), _ACTIVATIONS[kind]())
+    if init == "textbrewer":
+        with torch.no_grad():
+            projection[0].weight.normal_(mean=0.0, std=0.02)
+            projection[0].bias.zero_()
+    return projection
+
+
+def _same_mask(a: Tensor, b: Tensor | None) -> bool:
+    """Whether a teacher's ``logits_mask`` is the student's (the same tensor, or equal values)."""
+    return a is b or (b is not None and a.shape == b.shape and bool(torch.equal(a.bool(), b.bool())))
+
+
+def _select(values: Tensor, mask: Tensor | None, binary: bool) -> Tensor:
+    """The positions of ``values`` where ``mask`` is True, (N, C) (or (N,) for ``binary`` logits); every position,
+    flattened the same way, without a mask."""
+    if mask is not None:
+        return values[mask.bool()]
+    return values.reshape(-1) if binary or values.dim() < 2 else values.reshape(-1, values.shape[-1])
 
 
 def _as_dict(value: Any, what: str) -> dict[str, Any]:
@@ -62,6 +84,43 @@ def _as_dict(value: Any, what: str) -> dict[str, Any]:
             raise ValueError(f"Expected `{what}` to name at least one task but got an empty dict.")
         return dict(value)
     return {DEFAULT_TASK: value}
+
+
+def batch_task(batch: Any) -> str | None:
+    """The task a batch names in ``batch["task"]`` (a string, or a collated list of one repeated string), or None.
+
+    Raises:
+        ValueError: If ``batch["task"]`` is not a string, or names several tasks.
+    """
+    if not isinstance(batch, Mapping) or "task" not in batch:
+        return None
+    task = batch["task"]
+    if isinstance(task, (list, tuple)) and task and all(isinstance(t, str) for t in task):
+        if len(set(task)) != 1:
+            raise ValueError(f"Expected one task per batch in `batch['task']` but got {sorted(set(task))}.")
+        task = task[0]
+    if not isinstance(task, str):
+        raise ValueError(f"Expected `batch['task']` to be a task name (a string) but got {type(task).__name__}.")
+    return task
+
+
+def split_tasks(batch: Any, tasks: Collection[str]) -> dict[str, Any] | None:
+    """``{task: batch of that task}`` when ``batch`` holds several tasks' batches, else ``None``.
+
+    A batch of several tasks is a non-empty mapping whose keys are all names in ``tasks``: what Lightning's
+    ``CombinedLoader({task: loader, ...})`` yields in its ``max_size_cycle``, ``min_size`` and ``max_size`` modes (a
+    plain dict of loaders given to ``Trainer.fit`` is wrapped in one). Entries that are ``None`` (a loader exhausted in
+    ``max_size`` mode) are left out. Any other batch, e.g. a dict of tensors, is one task's.
+
+    Example:
+        >>> split_tasks({"a": {"x": 1}, "b": None}, ["a", "b"])
+        {'a': {'x': 1}}
+        >>> split_tasks({"input_ids": 1, "labels": 2}, ["a", "b"]) is None
+        True
+    """
+    if not isinstance(batch, Mapping) or not batch or not all(isinstance(k, str) and k in tasks for k in batch):
+        return None
+    return {task: part for task, part in batch.items() if part is not None}
 
 
 class Distiller(nn.Module):
@@ -117,7 +176,11 @@ class Distiller(nn.Module):
         self.teacher_adaptors = _as_dict(teacher_adaptor, "teacher_adaptor")
         self.student_adaptors = _as_dict(student_adaptor, "student_adaptor")
         self.projections = nn.ModuleDict(
-            {m.name: _projection(*m.projection) for m in self.config.intermediate_matches if m.projection}
+            {
+                m.name: _projection(*m.projection, init=self.config.projection_init)
+                for m in self.config.intermediate_matches
+                if m.projection
+            }
         )
         matches = self.config.intermediate_matches
         # The teacher layers each feature's matches read (indices into hidden_states / attentions); a feature with
@@ -152,6 +215,7 @@ class Distiller(nn.Module):
             self.cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0])
             self._check_cache_covers_config(self.cache)
         self.checked_first_batch = False
+        self._started_tasks: set[str] = set()
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Distiller:
@@ -160,6 +224,23 @@ class Distiller(nn.Module):
         for t in self.all_teachers():
             t.eval()
         return self
+
+    def projection_param_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
+        """The projections' optimizer parameter groups: one for every projection without ``projection_options`` (with
+        ``lr`` when given), then one per projection with options (TextBrewer's ``proj[3]``: its options override ``lr``
+        and the optimizer's defaults). Empty without projections."""
+        shared: list[nn.Parameter] = []
+        own: list[dict[str, Any]] = []
+        for match in self.config.intermediate_matches:
+            if match.name not in self.projections:
+                continue
+            params = list(self.projections[match.name].parameters())
+            if match.projection_options:
+                own.append({"params": params, **({"lr": lr} if lr is not None else {}), **match.projection_options})
+            else:
+                shared.extend(params)
+        groups = [{"params": shared, **({"lr": lr} if lr is not None else {})}] if shared else []
+        return groups + own
 
     def prepare_student(self, student: nn.Module) -> None:
         """Ask a ``transformers`` student for eager attention when an attention match needs its maps."""
@@ -171,14 +252,57 @@ class Distiller(nn.Module):
         """Every teacher of every task."""
         return [t for group in self.teachers.values() for t in group]
 
-    def task(self, batch: Any) -> str:
-        """The batch's task (``batch["task"]``, default ``"default"``), checked against the teachers' tasks."""
-        task = batch.get("task", DEFAULT_TASK) if isinstance(batch, Mapping) else DEFAULT_TASK
-        if not self.teachers:
-            return task
-        if task not in self.teachers:
-            raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {task!r}.")
-        return task
+    def task(self, batch: Any, task: str | None = None) -> str:
+        """The task of one task's batch, checked against the teachers' tasks.
+
+        Args:
+            batch: One task's batch.
+            task: Its task when known otherwise (the key of its loader); ``batch["task"]``, when present, must agree.
+                ``None``: ``batch["task"]``, else ``"default"``.
+
+        Raises:
+            ValueError: If the task is not one of the teachers', the two names disagree, or ``batch`` holds several
+                tasks' batches (split it with :meth:`task_batches`).
+        """
+        tagged = batch_task(batch)
+        if task is not None and tagged is not None and tagged != task:
+            raise ValueError(f"Expected `batch['task']` to be {task!r} (the task of its loader) but got {tagged!r}.")
+        if task is None and tagged is None and self.teachers and split_tasks(batch, self.teachers) is not None:
+            raise ValueError(
+                f"Expected one task's batch but got a batch of several tasks {sorted(batch)} (a CombinedLoader's "
+                "`{task: batch}`): DistillationModule splits it (`Distiller.task_batches`); DistillationCallback needs "
+                "one task per batch (tag it with `batch['task']`)."
+            )
+        name = task if task is not None else tagged if tagged is not None else DEFAULT_TASK
+        if not self.teachers or name in self.teachers:
+            return name
+        hint = ""
+        if task is None and tagged is None:
+            hint = (
+                " (the batch has no `task` entry: tag each task's batches, or give Lightning a dict of loaders keyed "
+                "by task, whose batches come as `{task: batch}`)"
+            )
+        raise ValueError(f"Expected `batch['task']` to be one of {sorted(self.teachers)} but got {name!r}{hint}.")
+
+    def task_batches(self, batch: Any) -> list[tuple[str, Any]]:
+        """The ``(task, batch of that task)`` pairs of a training batch.
+
+        A batch of several tasks (keys all teacher task names: a ``CombinedLoader``'s ``{task: batch}``, see
+        :func:`split_tasks`) gives one pair per task present, in its order; any other batch gives
+        ``[(task(batch), batch)]``.
+        """
+        parts = split_tasks(batch, self.teachers) if self.teachers else None
+        if parts is None:
+            return [(self.task(batch), batch)]
+        if not parts:
+            raise ValueError(f"Expected a batch for at least one of the tasks {sorted(batch)} but every entry is None.")
+        return [(self.task(part, task), part) for task, part in parts.items()]
+
+    def start_task(self, task: str) -> None:
+        """Say that the next :meth:`loss_terms` is for ``task``: the first batch of every task has its views checked."""
+        if task not in self._started_tasks:
+            self._started_tasks.add(task)
+            self.checked_first_batch = False
 
     @staticmethod
     def part(batch: Any, who: str) -> Any:
@@ -206,21 +330,25 @@ class Distiller(nn.Module):
             )
         return outputs, None if capture is None else capture.collected()
 
-    def student_view(self, batch: Any, outputs: Any, features: dict[str, Tensor] | None = None) -> ModelView:
-        """The student's :class:`ModelView` of ``outputs`` on ``batch`` (read by its adaptor)."""
-        view = as_view(self._adaptor(self.student_adaptors, self.task(batch))(self.part(batch, "student"), outputs))
+    def student_view(
+        self, batch: Any, outputs: Any, features: dict[str, Tensor] | None = None, task: str | None = None
+    ) -> ModelView:
+        """The student's :class:`ModelView` of ``outputs`` on one task's ``batch`` (read by the task's adaptor)."""
+        adaptor = self._adaptor(self.student_adaptors, self.task(batch, task))
+        view = as_view(adaptor(self.part(batch, "student"), outputs))
         return replace(view, features=features) if features is not None else view
 
     @torch.no_grad()
-    def teacher_views(self, batch: Any, s_view: ModelView | None = None) -> list[ModelView]:
-        """The teachers' views of ``batch``, keeping only the features a match reads.
+    def teacher_views(self, batch: Any, s_view: ModelView | None = None, task: str | None = None) -> list[ModelView]:
+        """The views of one task's ``batch`` by that task's teachers, keeping only the features a match reads.
 
         With a teacher cache the view comes from the cache and ``s_view`` (the student's view of the same batch) is
         needed for the shapes; live teachers run first, before the student, so their other features are freed.
+        ``task``: as in :meth:`task`.
         """
         if not self.teachers:
             raise RuntimeError("Expected a teacher to distil from but this module was built with `teacher=None`.")
-        task = self.task(batch)
+        task = self.task(batch, task)
         t_batch = self.part(batch, "teacher")
         if self.cache is not None:
             if s_view is None:
@@ -251,50 +379,59 @@ class Distiller(nn.Module):
             s_view: The student's view.
             t_views: The teachers' views (one per teacher of the batch's task).
             progress: Training progress in [0, 1], for the weight schedules.
-            stats: When given, filled with ``temperature`` (the mean temperature of the batch).
+            stats: When given, filled with ``temperature`` (the mean temperature over the batch's scored items).
 
         Returns:
-            Only the terms whose weight is positive; user losses also under ``kd/<name>`` and ``hard/<name>``.
+            The terms whose *configured* weight is positive, with their weight at ``progress`` (which a schedule may
+            make 0 at some steps: the term is still computed, so the loss keeps its graph and its logs); user losses
+            also under ``kd/<name>`` and ``hard/<name>``.
 
         Raises:
-            ValueError: If every weight is 0.
+            ValueError: If every configured weight is 0.
         """
+        cfg = self.config
+        if not (
+            cfg.kd_loss_weight > 0 or cfg.hard_label_weight > 0 or any(m.weight > 0 for m in cfg.intermediate_matches)
+        ):
+            raise ValueError(
+                "Expected at least one loss term with a positive weight (`kd_loss_weight`, `hard_label_weight` or a "
+                "match's `weight`) but all weights are 0."
+            )
         if not self.checked_first_batch:
             self.check_views(s_view, t_views)
             self.checked_first_batch = True
-        cfg = self.config
         terms: dict[str, tuple[Tensor, float]] = {}
-        w_kd = cfg.kd_loss_weight_at(progress)
-        if w_kd > 0:
-            logits_s = s_view.logits.float()
-            logits_t = self._teacher_logits(t_views, cfg.temperature, binary=cfg.binary)
+        if cfg.kd_loss_weight > 0:
+            w_kd = cfg.kd_loss_weight_at(progress)
+            logits_s, t_views_kd, mask, labels = self._kd_inputs(s_view, t_views)
+            logits_t = self._teacher_logits(t_views_kd, cfg.temperature, binary=cfg.binary)
             if cfg.probability_shift:
-                logits_t = shift_probability(logits_t, s_view.labels)
-            mask = s_view.logits_mask
+                logits_t = shift_probability(logits_t, labels)
             if cfg.binary:  # one temperature per element: sigmoid outputs have no class dimension
                 temperature = logits_s.new_full(logits_s.shape, float(cfg.temperature))
             else:
                 temperature = cfg.temperature_fn()(logits_s, logits_t, cfg.temperature, mask=mask)
-            if stats is not None:
-                stats["temperature"] = temperature.detach().float().mean()
+            if stats is not None:  # the mean over the items the KD term reads (not padding)
+                t = temperature.detach().float()
+                valid = mask.to(t.dtype) if mask is not None and mask.shape == t.shape else torch.ones_like(t)
+                stats["temperature"] = (t * valid).sum() / valid.sum().clamp_min(1.0)
             kd = cfg.kd_loss(logits_s, logits_t, temperature, mask)
             terms["kd"] = (kd, w_kd)
             if cfg.user_kd_loss is not None:
                 terms[f"kd/{loss_name(cfg.user_kd_loss)}"] = (kd.detach(), 0.0)
-        w_hard = cfg.hard_label_weight_at(progress)
-        if w_hard > 0:
-            terms["hard"] = (self.hard_loss(s_view), w_hard)
+        if cfg.hard_label_weight > 0:
+            terms["hard"] = (self.hard_loss(s_view), cfg.hard_label_weight_at(progress))
             if cfg.user_hard_loss is not None:
                 terms[f"hard/{loss_name(cfg.user_hard_loss)}"] = (terms["hard"][0].detach(), 0.0)
         for match in cfg.intermediate_matches:
             if match.weight > 0:
-                terms[f"match/{match.name}"] = (self.match_loss(match, s_view, t_views[0]), match.weight)
-        if not any(weight > 0 for _, weight in terms.values()):
-            raise ValueError("Expected at least one loss term with a positive weight but all weights are 0.")
+                weight = cfg.match_weight_at(match, progress)
+                terms[f"match/{match.name}"] = (self.match_loss(match, s_view, t_views[0]), weight)
         return terms
 
     def hard_loss(self, view: ModelView) -> Tensor:
-        """The student's loss on the gold labels (see ``DistillationConfig.hard_label_loss``)."""
+        """The student's loss on the gold labels (see ``DistillationConfig.hard_label_loss``); rows labelled < 0
+        (transfer-set rows, ``-100``) are left out, as are positions outside ``logits_mask``."""
         cfg = self.config
         if cfg.hard_label_loss is None and view.losses:
             return sum(view.losses)
@@ -305,13 +442,17 @@ class Distiller(nn.Module):
             )
         logits = view.logits.float()
         mask = None if view.logits_mask is None else view.logits_mask.bool()
+        unlabelled = view.labels < 0  # transfer-set rows (label -100): the KD term reads them, this term never does
+        if unlabelled.any():
+            mask = ~unlabelled if mask is None else mask & ~unlabelled
         if cfg.user_hard_loss is not None:
             return cfg.user_hard_loss(logits, view.labels, mask)
+        labels = view.labels.clamp_min(0)  # masked out below; a valid index for the per-item loss
         binary = cfg.hard_label_loss == "bce" or (cfg.hard_label_loss is None and cfg.binary)
         if binary:
-            per = F.binary_cross_entropy_with_logits(logits, view.labels.to(logits.dtype), reduction="none")
+            per = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
         else:
-            per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), view.labels.reshape(-1), reduction="none")
+            per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
             per = per.reshape(view.labels.shape)
         if mask is None:
             return per.mean()
@@ -323,6 +464,7 @@ class Distiller(nn.Module):
         feats_s = [self._feature(s_view, match, i, "student") for i in match.layers_s]
         feats_t = [self._feature(t_view, match, i, "teacher") for i in match.layers_t]
         if match.projection is not None:
+            self._check_projection_widths(match, feats_s, feats_t)
             projection = self.projections[match.name]
             dtype = projection[0].weight.dtype  # float32, or the module's under `*-true` precision
             feats_s = [projection(f.to(dtype)).float() for f in feats_s]
@@ -331,16 +473,33 @@ class Distiller(nn.Module):
         fn = match.loss_fn()
         if match.user_loss is not None:
             return fn(feats_s[0], feats_t[0], mask)
-        if match.feature == "attention":
+        if match.takes_scores:
             return fn(feats_s[0], feats_t[0], mask, scores=s_view.attention_scores)
+        if match.feature == "attention":
+            return fn(feats_s[0], feats_t[0], mask)
         if match.two_layers:
             return fn(feats_s[0], feats_s[1], feats_t[0], feats_t[1], mask)
         return fn(feats_s[0], feats_t[0], mask)
 
     # ------------------------------------------------------------------ checks
     def check_views(self, s_view: ModelView, t_views: list[ModelView]) -> None:
-        """First-batch checks: logits shapes agree, and the models return the features the matches read."""
-        for i, t_view in enumerate(t_views):
+        """First-batch checks: logits shapes agree (when the KD term reads them), and the models return the features
+        the matches read.
+
+        Teacher and student logits are compared only when ``kd_loss_weight`` > 0: distilling only intermediate matches
+        (e.g. between headless encoders whose adaptors give other widths as ``logits``) does not read the teacher's
+        logits. A teacher view with its own ``logits_mask`` needs only the same class dimension (its positions are
+        counted at every step).
+        """
+        for i, t_view in enumerate(t_views if self.config.kd_loss_weight > 0 else []):
+            if t_view.logits_mask is not None and not _same_mask(t_view.logits_mask, s_view.logits_mask):
+                if not self.config.binary and t_view.logits.shape[-1] != s_view.logits.shape[-1]:
+                    raise ValueError(
+                        f"Expected the teacher's and the student's logits to have the same number of classes but got "
+                        f"{t_view.logits.shape[-1]} (teacher {i}) and {s_view.logits.shape[-1]} (student) at the first "
+                        "batch; check `num_labels` of both models."
+                    )
+                continue
             if tuple(t_view.logits.shape) != tuple(s_view.logits.shape):
                 raise ValueError(
                     f"Expected the teacher's and the student's logits to have the same shape but got "
@@ -439,6 +598,48 @@ class Distiller(nn.Module):
             hidden_states=keep(view.hidden_states, self.teacher_layers["hidden"]),
             attentions=keep(view.attentions, self.teacher_layers["attention"]),
         )
+
+    def _kd_inputs(
+        self, s_view: ModelView, t_views: list[ModelView]
+    ) -> tuple[Tensor, list[ModelView], Tensor | None, Tensor | None]:
+        """The student's logits, the teachers' views, the mask and the labels the KD term reads.
+
+        As they are, unless a teacher view has a ``logits_mask`` of its own that differs from the student's
+        (TextBrewer's separate ``logits_mask`` of ``adaptor_T``, e.g. another tokenizer's positions): then each model's
+        positions are selected by its own mask (the student's, or all positions without one), in order, and the KD
+        term compares the selected (N, C) logits pairwise, without a mask.
+
+        Raises:
+            ValueError: If a teacher's mask selects another number of positions than the student's.
+        """
+        s_mask = s_view.logits_mask
+        if all(v.logits_mask is None or _same_mask(v.logits_mask, s_mask) for v in t_views):
+            return s_view.logits.float(), t_views, s_mask, s_view.labels
+        logits_s = _select(s_view.logits.float(), s_mask, self.config.binary)
+        labels = None if s_view.labels is None else _select(s_view.labels, s_mask, binary=True)
+        selected = []
+        for i, view in enumerate(t_views):
+            t_mask = view.logits_mask if view.logits_mask is not None else s_mask
+            logits_t = _select(view.logits.float(), t_mask, self.config.binary)
+            if logits_t.shape != logits_s.shape:
+                raise ValueError(
+                    f"Expected the teacher's `logits_mask` to select as many positions as the student's but got "
+                    f"{tuple(logits_t.shape)} (teacher {i}) and {tuple(logits_s.shape)} (student)."
+                )
+            selected.append(replace(view, logits=logits_t, logits_mask=None))
+        return logits_s, selected, None, labels
+
+    def _check_projection_widths(self, match: IntermediateMatch, feats_s: list[Tensor], feats_t: list[Tensor]) -> None:
+        """A projection's widths against the features, with an error about the projection (not a hint to add one)."""
+        _, dim_s, dim_t = match.projection
+        for who, feats, dim, side in (("student", feats_s, dim_s, "dim_s"), ("teacher", feats_t, dim_t, "dim_t")):
+            for f in feats:
+                if f.shape[-1] != dim:
+                    raise ValueError(
+                        f"Expected the {who}'s features of match `{match.name}` to have width {side}={dim} (its "
+                        f"projection={tuple(match.projection)!r}) but got shape {tuple(f.shape)}; fix the projection's "
+                        "widths."
+                    )
 
     def _teacher_logits(self, t_views: list[ModelView], temperature: float, binary: bool) -> Tensor:
         logits = [v.logits.float() for v in t_views]

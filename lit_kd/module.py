@@ -41,10 +41,26 @@ Several teachers: ``teacher`` is a list; their soft targets are averaged as logi
 as probabilities (``"probs"``; implemented as the logits ``T * log(mean_i softmax(z_i / T))``, whose tempered
 softmax is the mean distribution).
 
-Several tasks: ``teacher`` (and the adaptors) may be dicts keyed by task name; each batch names its task in
-``batch["task"]`` (a string). How tasks are sampled is the data's business: e.g. Lightning's
-``CombinedLoader({...}, mode="max_size_cycle")`` after tagging each loader's batches with their task, or a sampler
-that draws a task per batch with probabilities proportional to the dataset sizes (TextBrewer's default).
+Several tasks: ``teacher`` (and the adaptors) may be dicts keyed by task name. A training batch is one task's, named
+by ``batch["task"]`` (a string, or a collated list of one repeated string), or several tasks' at once,
+``{task: batch of that task}``: what Lightning passes to ``training_step`` for a dict of loaders
+(``trainer.fit(module, {"a": loader_a, "b": loader_b})``, i.e. ``CombinedLoader({...}, mode="max_size_cycle")``, or
+the modes ``"min_size"`` and ``"max_size"``; Lightning refuses ``"sequential"`` in training). A batch counts as several
+tasks' only when its keys are all task names (a dict of tensors never does). Each task's terms are computed with its
+own teachers and adaptors and the step's loss is the **sum** of the tasks' losses (a loader exhausted in ``"max_size"``
+mode, ``None``, is skipped). Logged per task, ``train/<task>/<term>``, ``train/<task>/loss`` and
+``train/<task>/temperature``, and in total, ``train/<term>`` and ``train/loss`` (sums over the tasks) and
+``train/temperature`` (the mean over the samples). Sampling one task per batch instead (TextBrewer's
+``MultiTaskDistiller``: a task drawn per batch in proportion to the data sizes) works with tagged batches.
+
+Metrics of several tasks: ``num_labels`` and ``metric_task`` may be dicts by task (``num_labels={"a": 3, "b": 5}``);
+each task gets its own metric collection per stage, logged as ``val/<task>/acc`` (``val/acc`` for the single default
+task). A validation/test batch finds its task (1) by its keys when it holds several tasks' batches (a
+``CombinedLoader`` in a non-sequential mode); else (2) from ``batch["task"]``, (3) from its loader,
+``eval_tasks[dataloader_idx]`` when set, else the loader's key in a dict of loaders (a plain dict or
+``CombinedLoader({...}, mode="sequential")``) when that key is a task name, or (4) as the only task. When (2) and (3)
+both name a task they must agree. Give each task one loader; ``"max_size_cycle"`` repeats the batches of the shorter
+loaders, which would count twice in the metrics, so validate with ``"sequential"`` (or ``"max_size"``).
 
 Different inputs for teacher and student (e.g. different tokenizers): a batch may carry ``teacher`` and ``student``
 parts; each model is called with its part (top-level ``labels``/``task`` are shared). Which entries feed which
@@ -58,7 +74,7 @@ a ``transformers`` student from the checkpoint itself (or loads the weights into
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +87,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassA
 
 from lit_kd.adaptors import Inputs, ModelView, model_num_labels
 from lit_kd.config import DistillationConfig
-from lit_kd.distiller import DEFAULT_TASK, Distiller
+from lit_kd.distiller import DEFAULT_TASK, Distiller, batch_task, split_tasks
 from lit_kd.export import STUDENT_RECORD_KEY, save_model, student_record
 
 __all__ = ["DEFAULT_TASK", "DistillationModule", "training_progress"]
@@ -81,6 +97,53 @@ def training_progress(trainer: L.Trainer | None, global_step: int) -> float:
     """``global_step / estimated_stepping_batches`` in [0, 1]; 0 when the length of training is unknown."""
     total = trainer.estimated_stepping_batches if trainer is not None else float("inf")
     return min(1.0, global_step / total) if total and total != float("inf") else 0.0
+
+
+def _metric_plan(
+    teacher_tasks: list[str], metric_task: Any, num_labels: Any, student: nn.Module
+) -> dict[str, tuple[str, int | None]]:
+    """``{task: (metric_task, num_labels)}`` of every task with metrics (see ``DistillationModule``'s arguments)."""
+    named = (("metric_task", metric_task), ("num_labels", num_labels))
+    dicts = {arg: value for arg, value in named if isinstance(value, Mapping)}
+    tasks = teacher_tasks or list(dict.fromkeys(task for value in dicts.values() for task in value)) or [DEFAULT_TASK]
+    for arg, value in dicts.items():
+        unknown = [task for task in value if task not in tasks]
+        if unknown:
+            raise ValueError(
+                f"Expected `{arg}` to name only the teachers' tasks {tasks} but got {unknown} too"
+                + ("; give `teacher` as a dict by task." if teacher_tasks == [DEFAULT_TASK] else ".")
+            )
+    plan = {}
+    for task in tasks:
+        by_task = isinstance(metric_task, Mapping)
+        kind = metric_task.get(task) if by_task else metric_task
+        if kind not in ("multiclass", "binary"):
+            arg = f"metric_task[{task!r}]" if by_task else "metric_task"
+            raise ValueError(f"Expected `{arg}` to be 'multiclass' or 'binary' but got {kind!r}.")
+        n = num_labels.get(task) if isinstance(num_labels, Mapping) else num_labels
+        if kind == "multiclass" and n is None:
+            if isinstance(num_labels, Mapping):
+                raise ValueError(
+                    f"Expected `num_labels` to give the classes of task {task!r} (its metrics are multiclass) but it "
+                    f"names only {list(num_labels)}."
+                )
+            n = model_num_labels(student)
+            if n is None:
+                raise ValueError(
+                    "Expected `num_labels` (the classes of the metrics) but got None and the student does not say "
+                    f"its class count ({type(student).__name__} has no `config.num_labels` or `num_labels`)."
+                )
+        plan[task] = (kind, n)
+    return plan
+
+
+def _metrics(kind: str, num_labels: int | None, stage: str, task: str) -> MetricCollection:
+    """One stage's metric collection for one task, prefixed ``<stage>/`` (default task) or ``<stage>/<task>/``."""
+    if kind == "multiclass":
+        metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
+    else:
+        metrics = MetricCollection({"auc": BinaryAUROC(), "acc": BinaryAccuracy()})
+    return metrics.clone(prefix=f"{stage}/" if task == DEFAULT_TASK else f"{stage}/{task}/")
 
 
 class DistillationModule(L.LightningModule):
@@ -97,16 +160,19 @@ class DistillationModule(L.LightningModule):
         optimizer: Builds the optimizer from parameter groups (student; projections).
         lr_scheduler: Builds a learning-rate scheduler; ``None`` for none.
         lr_scheduler_interval: Step the scheduler after every optimizer ``"step"`` or every ``"epoch"``.
-        projection_lr: Learning rate of the projection layers; ``None`` for the optimizer's.
+        projection_lr: Learning rate of the projection layers; ``None`` for the optimizer's. A match's
+            ``projection_options`` (e.g. ``{"lr": 1e-3}``) give its projection a parameter group of its own.
         teacher_reduce: How several teachers' soft targets combine: mean of ``"logits"`` or of ``"probs"``.
         teacher_dtype: ``"float32"``, or ``"bfloat16"`` to halve the teachers' memory and time (outputs are cast
             back to float32 for the losses).
         save_teacher: Keep the teachers' weights in checkpoints. Default False: they are frozen, so the model
             that builds the module supplies them again; checkpoints stay small.
         metric_task: Validation/test metrics of the student: ``"multiclass"`` (accuracy) or ``"binary"`` (AUROC
-            and accuracy of sigmoid outputs, e.g. knowledge tracing).
-        num_labels: Classes for ``"multiclass"`` metrics; ``None`` for the student's own (``config.num_labels``
-            of a ``transformers`` model, or its ``num_labels`` attribute). ``lit-kd`` links it from the data.
+            and accuracy of sigmoid outputs, e.g. knowledge tracing), or a dict giving each task's.
+        num_labels: Classes for ``"multiclass"`` metrics, or a dict giving each multiclass task's
+            (``{"a": 3, "b": 5}``); ``None`` for the student's own (``config.num_labels`` of a ``transformers``
+            model, or its ``num_labels`` attribute). ``lit-kd`` links it from the data. The tasks with metrics are
+            the teachers' (when ``teacher`` is a dict), else those these dicts name, else the single default task.
         teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build`: the teacher's logits (full or
             top-k) and the hidden states the matches read are taken from it by ``batch["index"]`` instead of running
             the teacher (one teacher; hidden-state matches need their teacher layers cached; no attention matches).
@@ -118,10 +184,13 @@ class DistillationModule(L.LightningModule):
             parameters), a key map ``{parameter: batch_key}`` or a function ``inputs(batch)`` returning keyword
             (dict) or positional (tuple) arguments.
         student_inputs: The same for the student.
+        eval_tasks: The task of each validation/test loader, by ``dataloader_idx`` (``["a", "b"]`` for
+            ``val_dataloaders=[loader_a, loader_b]``); ``None`` to take it from ``batch["task"]``, from the key of a
+            dict of loaders, or as the only task (see "Metrics of several tasks" in this module's docstring).
 
     Raises:
         ValueError: If ``num_labels`` is None for ``"multiclass"`` metrics and the student does not say its class
-            count, or an argument is out of its range.
+            count, a dict names a task without a teacher or misses a task, or an argument is out of its range.
     """
 
     def __init__(
@@ -137,31 +206,29 @@ class DistillationModule(L.LightningModule):
         teacher_reduce: Literal["logits", "probs"] = "logits",
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         save_teacher: bool = False,
-        metric_task: Literal["multiclass", "binary"] = "multiclass",
-        num_labels: int | None = None,
+        metric_task: Literal["multiclass", "binary"] | dict[str, Literal["multiclass", "binary"]] = "multiclass",
+        num_labels: int | dict[str, int] | None = None,
         teacher_cache: str | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
         teacher_inputs: Inputs = None,
         student_inputs: Inputs = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        eval_tasks: list[str] | None = None,
     ) -> None:
         super().__init__()
         if student is None:
             raise ValueError("Expected `student` to be an nn.Module (the model that trains) but got None.")
-        if metric_task not in ("multiclass", "binary"):
-            raise ValueError(f"Expected `metric_task` to be 'multiclass' or 'binary' but got {metric_task!r}.")
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"Expected `lr_scheduler_interval` to be 'step' or 'epoch' but got {lr_scheduler_interval!r}."
             )
-        if num_labels is None and metric_task == "multiclass":
-            num_labels = model_num_labels(student)
-            if num_labels is None:
-                raise ValueError(
-                    "Expected `num_labels` (the classes of the metrics) but got None and the student does not say "
-                    f"its class count ({type(student).__name__} has no `config.num_labels` or `num_labels`)."
-                )
+        teacher_tasks = list(teacher) if isinstance(teacher, Mapping) else [] if teacher is None else [DEFAULT_TASK]
+        plan = _metric_plan(teacher_tasks, metric_task, num_labels, student)
+        if eval_tasks is not None:
+            unknown = [task for task in eval_tasks if task not in plan]
+            if unknown:
+                raise ValueError(f"Expected `eval_tasks` to name tasks among {list(plan)} but got {unknown}.")
         self.save_hyperparameters(
             ignore=[
                 "teacher",
@@ -175,6 +242,8 @@ class DistillationModule(L.LightningModule):
                 "student_inputs",
             ]
         )
+        if not isinstance(num_labels, Mapping):  # the class count found (the student's when None)
+            num_labels = next((n for _, n in plan.values() if n is not None), None)
         self.hparams.num_labels = num_labels
         distiller = Distiller(
             teacher,
@@ -197,12 +266,10 @@ class DistillationModule(L.LightningModule):
         distiller.prepare_student(student)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        if metric_task == "multiclass":
-            metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
-        else:
-            metrics = MetricCollection({"auc": BinaryAUROC(), "acc": BinaryAccuracy()})
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        # One metric collection per task and stage: `val/acc` for the single default task, else `val/<task>/acc`.
+        self.metric_tasks = {task: kind for task, (kind, _) in plan.items()}
+        self.val_metrics = nn.ModuleDict({task: _metrics(*plan[task], "val", task) for task in plan})
+        self.test_metrics = nn.ModuleDict({task: _metrics(*plan[task], "test", task) for task in plan})
 
     # ------------------------------------------------------------------ inference
     def forward(self, batch: Any) -> Any:
@@ -211,45 +278,34 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        d = self.distiller
-        if d.cache is None:
-            # Teachers first, keeping only the features a match reads: the other layers' hidden states and attention
-            # maps are freed before the student's forward instead of living through it (a smaller peak footprint).
-            t_views = d.teacher_views(batch)
-            s_view = d.student_view(batch, *d.call_student(self.student, batch))
-        else:
-            s_view = d.student_view(batch, *d.call_student(self.student, batch))
-            t_views = d.teacher_views(batch, s_view)
-        stats: dict[str, Tensor] = {}
-        terms = d.loss_terms(s_view, t_views, training_progress(self._trainer, self.global_step), stats)
-        n = s_view.logits.shape[0]
-        if "temperature" in stats:
-            self.log("train/temperature", stats["temperature"], batch_size=n)
-        for name, (value, weight) in terms.items():
-            self.log(f"train/{name}", value, batch_size=n)
-            if name.count("/") and not name.startswith("match/"):
-                continue  # `kd/<fn>`, `hard/<fn>`: the user loss's own name, logged once
-            self.log(f"train/{name}_weighted", value * weight, batch_size=n)
-            if name in ("kd", "hard"):
-                self.log(f"train/{name}_weight", weight, batch_size=n)
-        loss = sum(value * weight for value, weight in terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        return loss
+        progress = training_progress(self._trainer, self.global_step)
+        pairs = self.distiller.task_batches(batch)  # one pair, or one per task of a CombinedLoader's batch
+        per_task = len(pairs) > 1 or pairs[0][0] != DEFAULT_TASK
+        totals: dict[str, tuple[Tensor, float]] = {}
+        temperature_sum, n_total = None, 0
+        for task, task_batch in pairs:
+            terms, stats, n = self._task_terms(task, task_batch, progress)
+            if per_task:
+                self._log_terms(f"train/{task}/", terms, stats, n)
+            for name, (value, weight) in terms.items():  # same config, so the same weight in every task
+                totals[name] = (totals[name][0] + value if name in totals else value, weight)
+            if "temperature" in stats:
+                part = stats["temperature"] * n
+                temperature_sum = part if temperature_sum is None else temperature_sum + part
+            n_total += n
+        stats = {} if temperature_sum is None else {"temperature": temperature_sum / n_total}
+        return self._log_terms("train/", totals, stats, n_total)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
 
     def configure_optimizers(self):
         groups = [{"params": [p for p in self.student.parameters() if p.requires_grad]}]
-        projection_params = list(self.projections.parameters())
-        if projection_params:
-            group = {"params": projection_params}
-            if self.hparams.projection_lr is not None:
-                group["lr"] = self.hparams.projection_lr
-            groups.append(group)
+        # The projections: `projection_lr`, or a match's own `projection_options` (TextBrewer's `proj[3]`).
+        groups += self.distiller.projection_param_groups(self.hparams.projection_lr)
         optimizer = self.optimizer(groups)
         if self.lr_scheduler is None:
             return optimizer
@@ -272,8 +328,8 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves metric states made under inference mode; fresh ones avoid that.
-        self.val_metrics.reset()
-        self.test_metrics.reset()
+        for metrics in (*self.val_metrics.values(), *self.test_metrics.values()):
+            metrics.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What rebuilds the student without any teacher (`lit-kd export`, `lit_kd.export.load_student`).
@@ -316,16 +372,98 @@ class DistillationModule(L.LightningModule):
         return save_model(self.student, path)
 
     # ------------------------------------------------------------------ internals
-    def _eval_step(self, batch: Any, metrics: MetricCollection) -> None:
+    def _task_terms(
+        self, task: str, batch: Any, progress: float
+    ) -> tuple[dict[str, tuple[Tensor, float]], dict[str, Tensor], int]:
+        """One task's loss terms, statistics (the mean temperature) and batch size."""
         d = self.distiller
-        view = d.student_view(batch, *d.call_student(self.student, batch))
-        if view.labels is None:
-            raise ValueError("Expected labels in validation/test batches (the adaptor gives `labels=None`).")
-        logits, labels = view.logits.float(), view.labels
-        if view.logits_mask is not None:
-            logits, labels = logits[view.logits_mask], labels[view.logits_mask]
-        if self.hparams.metric_task == "binary":
-            metrics.update(torch.sigmoid(logits.reshape(-1)), labels.reshape(-1))
+        d.start_task(task)
+        if d.cache is None:
+            # Teachers first, keeping only the features a match reads: the other layers' hidden states and attention
+            # maps are freed before the student's forward instead of living through it (a smaller peak footprint).
+            t_views = d.teacher_views(batch, task=task)
+            s_view = d.student_view(batch, *d.call_student(self.student, batch), task=task)
         else:
-            metrics.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self.log_dict(metrics, prog_bar=True, batch_size=labels.numel())
+            s_view = d.student_view(batch, *d.call_student(self.student, batch), task=task)
+            t_views = d.teacher_views(batch, s_view, task=task)
+        stats: dict[str, Tensor] = {}
+        terms = d.loss_terms(s_view, t_views, progress, stats)
+        return terms, stats, s_view.logits.shape[0]
+
+    def _log_terms(
+        self, prefix: str, terms: dict[str, tuple[Tensor, float]], stats: dict[str, Tensor], n: int
+    ) -> Tensor:
+        """Log the terms under ``prefix`` (``train/`` or ``train/<task>/``) and return their weighted sum."""
+        if "temperature" in stats:
+            self.log(f"{prefix}temperature", stats["temperature"], batch_size=n)
+        for name, (value, weight) in terms.items():
+            self.log(f"{prefix}{name}", value, batch_size=n)
+            if name.count("/") and not name.startswith("match/"):
+                continue  # `kd/<fn>`, `hard/<fn>`: the user loss's own name, logged once
+            self.log(f"{prefix}{name}_weighted", value * weight, batch_size=n)
+            if name in ("kd", "hard") and prefix == "train/":
+                self.log(f"{prefix}{name}_weight", weight, batch_size=n)
+        loss = sum(value * weight for value, weight in terms.values())
+        self.log(f"{prefix}loss", loss, prog_bar=prefix == "train/", batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: Literal["val", "test"], dataloader_idx: int) -> None:
+        d = self.distiller
+        collections = self.val_metrics if stage == "val" else self.test_metrics
+        for task, task_batch in self._eval_batches(batch, stage, dataloader_idx):
+            view = d.student_view(task_batch, *d.call_student(self.student, task_batch), task=task)
+            if view.labels is None:
+                raise ValueError("Expected labels in validation/test batches (the adaptor gives `labels=None`).")
+            logits, labels = view.logits.float(), view.labels
+            if view.logits_mask is not None:
+                logits, labels = logits[view.logits_mask], labels[view.logits_mask]
+            metrics = collections[task]
+            if self.metric_tasks[task] == "binary":
+                metrics.update(torch.sigmoid(logits.reshape(-1)), labels.reshape(-1))
+            else:
+                metrics.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            # The names carry the task, so no `/dataloader_idx_<i>` suffix when there are several loaders.
+            self.log_dict(metrics, prog_bar=True, batch_size=labels.numel(), add_dataloader_idx=False)
+
+    def _eval_batches(self, batch: Any, stage: str, dataloader_idx: int) -> list[tuple[str, Any]]:
+        """The ``(task, batch of that task)`` pairs of a validation/test batch (see "Metrics of several tasks")."""
+        tasks = list(self.metric_tasks)
+        parts = split_tasks(batch, tasks)
+        if parts is not None:
+            return list(parts.items())
+        tagged, loader = batch_task(batch), self._loader_task(stage, dataloader_idx)
+        if tagged is not None and loader is not None and tagged != loader:
+            raise ValueError(
+                f"Expected `batch['task']` to be {loader!r} (the task of {stage} loader {dataloader_idx}) but got "
+                f"{tagged!r}."
+            )
+        task = tagged if tagged is not None else loader if loader is not None else tasks[0] if len(tasks) == 1 else None
+        if task is None:
+            raise ValueError(
+                f"Expected to know the task of {stage} loader {dataloader_idx} (one of {tasks}) but got none: tag its "
+                "batches with `batch['task']`, give a dict of loaders keyed by task, or set `eval_tasks`."
+            )
+        if task not in self.metric_tasks:
+            raise ValueError(f"Expected the task of a {stage} batch to be one of {tasks} but got {task!r}.")
+        return [(task, batch)]
+
+    def _loader_task(self, stage: str, dataloader_idx: int) -> str | None:
+        """The task of a validation/test loader: ``eval_tasks[dataloader_idx]``, or its key if that is a task."""
+        eval_tasks = self.hparams.eval_tasks
+        if eval_tasks is not None:
+            if dataloader_idx >= len(eval_tasks):
+                raise ValueError(
+                    f"Expected `eval_tasks` to give the task of {stage} loader {dataloader_idx} but it names "
+                    f"{len(eval_tasks)} loaders: {eval_tasks}."
+                )
+            return eval_tasks[dataloader_idx]
+        if self._trainer is None:
+            return None
+        loaders = self._trainer.val_dataloaders if stage == "val" else self._trainer.test_dataloaders
+        # A flat dict of loaders (a plain dict, or a CombinedLoader's in "sequential" mode): `dataloader_idx` counts
+        # its entries in order.
+        if not isinstance(loaders, Mapping) or any(isinstance(v, (Mapping, list, tuple)) for v in loaders.values()):
+            return None
+        keys = list(loaders)
+        key = keys[dataloader_idx] if dataloader_idx < len(keys) else None
+        return key if key in self.metric_tasks else None
