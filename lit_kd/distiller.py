@@ -141,6 +141,8 @@ class Distiller(nn.Module):
             back to float32 for the losses).
         teacher_cache: A folder written by :meth:`lit_kd.cache.TeacherCache.build` to read the teacher's logits (and
             cached hidden states) from instead of running it (one teacher; no attention or named-module matches).
+        teacher_cache_verify: Check the cache files' SHA-256 checksums when the cache is opened (about 1 s per GB);
+            False skips only that (shapes, dtypes and the teacher's fingerprint are always checked).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class Distiller(nn.Module):
         teacher_reduce: Literal["logits", "probs"] = "logits",
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         teacher_cache: str | None = None,
+        teacher_cache_verify: bool = True,
     ) -> None:
         super().__init__()
         if teacher_reduce not in ("logits", "probs"):
@@ -212,7 +215,7 @@ class Distiller(nn.Module):
                     f"Expected one teacher with `teacher_cache` but got {len(self.all_teachers())}; cache the "
                     "ensemble's combined logits with one wrapper model instead."
                 )
-            self.cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0])
+            self.cache = TeacherCache(teacher_cache, teacher=self.all_teachers()[0], verify=teacher_cache_verify)
             self._check_cache_covers_config(self.cache)
         self.checked_first_batch = False
         self._started_tasks: set[str] = set()

@@ -177,6 +177,8 @@ class DistillationModule(L.LightningModule):
             top-k) and the hidden states the matches read are taken from it by ``batch["index"]`` instead of running
             the teacher (one teacher; hidden-state matches need their teacher layers cached; no attention matches).
             It is checked against the teacher's weights and the config here and against every batch's inputs.
+        teacher_cache_verify: Check the cache files' checksums when opening it (about 1 s per GB); False skips only
+            that.
         compile: Compile the student's (and live teachers') forward with ``torch.compile`` when the trainer sets the
             module up (``nn.Module.compile``: in place, so checkpoints keep their keys).
         compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` only traces).
@@ -215,6 +217,7 @@ class DistillationModule(L.LightningModule):
         student_inputs: Inputs = None,
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         eval_tasks: list[str] | None = None,
+        teacher_cache_verify: bool = True,
     ) -> None:
         super().__init__()
         if student is None:
@@ -255,6 +258,7 @@ class DistillationModule(L.LightningModule):
             teacher_reduce=teacher_reduce,
             teacher_dtype=teacher_dtype,
             teacher_cache=teacher_cache,
+            teacher_cache_verify=teacher_cache_verify,
         )
         # The distiller's modules are registered here under their historical names (`teachers.*`, `projections.*`
         # in checkpoints); the distiller itself is kept unregistered so that they are not registered twice.

@@ -199,6 +199,9 @@ def test_verify_false_skips_only_the_checksums(tmp_path):
     file = tmp_path / "c" / "logits.npy"
     _negate(file)
     assert (TeacherCache(tmp_path / "c", verify=False).logits == np.load(file)).all()  # the flip goes unnoticed
+    kw = dict(num_labels=3, teacher_cache=str(tmp_path / "c"))
+    module = DistillationModule(bert(4, 16, 0), bert(2, 8, 1), teacher_cache_verify=False, **kw)  # passed through
+    assert (module.distiller.cache.logits == np.load(file)).all()
     _truncate(file)
     with pytest.raises(ValueError, match=re.escape(str(file)) + ".*truncated"):  # the size is still checked
         TeacherCache(tmp_path / "c", verify=False)
