@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,3 +18,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "kt").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (see ../shared/data/README.md); set LIT_KDKT_SHARED_DATA")
     return SHARED_DATA
+
+
+def cpu_trainer(root: Path | None = None, **kwargs) -> L.Trainer:
+    """The quiet CPU ``Trainer`` of the tests: no logger, checkpoints, progress bar or summary; ``kwargs`` override."""
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)

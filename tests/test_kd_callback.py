@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_kd import DistillationCallback, DistillationConfig, IntermediateMatch
+from tests.conftest import cpu_trainer
 from tests.ddp_helpers import read_ranks, run_all, torchrun
 from tests.kd_user_project import (
     TEACHER_INPUTS,
@@ -34,18 +35,8 @@ from tests.kd_user_project import (
 TEACHER_LAYER, STUDENT_LAYER = "bert.encoder.layer.1", "encoder"
 
 
-def trainer(tmp_path: Path, **kw) -> L.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
-    opts.update(kw)
-    return L.Trainer(**opts)
+def trainer(tmp_path: Path | None, **kw) -> L.Trainer:
+    return cpu_trainer(tmp_path, **{"log_every_n_steps": 1, **kw})
 
 
 def match_config(**kw) -> DistillationConfig:

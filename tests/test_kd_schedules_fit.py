@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lit_kd import DistillationCallback, DistillationConfig, DistillationModule, ModelView
 from lit_kd.cli import main
+from tests.conftest import cpu_trainer
 from tests.kd_user_project import TEACHER_INPUTS, MyModule, Samples, UserData, tiny_teacher, user_adaptor
 
 VOCAB, LEN, LABELS = 20, 5, 4
@@ -106,16 +107,7 @@ class Record(L.Callback):
 
 
 def fit(module: L.LightningModule, data, tmp_path: Path, callbacks: list, **kw) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **kw,
-    )
+    trainer = cpu_trainer(tmp_path, callbacks=callbacks, **kw)
     trainer.fit(module, data)
     return trainer
 

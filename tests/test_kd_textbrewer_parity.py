@@ -25,6 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lit_kd import DistillationConfig, DistillationModule, Distiller, IntermediateMatch, ModelView, losses, schedulers
 from lit_kd.losses import shift_probability
+from tests.conftest import cpu_trainer
 
 textbrewer = pytest.importorskip(
     "textbrewer",
@@ -556,15 +557,7 @@ def test_accumulation_clipping_and_lr_schedule_equal_textbrewers_loop(tmp_path):
 
 
 def fit(module: L.LightningModule, batches: list[dict], tmp_path: Path, **kw) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    trainer = cpu_trainer(tmp_path, **kw)
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return trainer
 
