@@ -67,6 +67,9 @@ INSTALL_HINT = "pip install --no-deps pykt-toolkit && pip install pandas scikit-
 MIN_WINDOW = 3  # pyKT's min_seq_len: its preprocessing drops shorter sequences and remainders
 
 
+# The shared data sets beside the repository (../shared/data), wherever it is checked out.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 def import_pykt():
     """pyKT's SAKT, DKT and training forward, or a clear message saying what to install."""
     try:
@@ -215,7 +218,7 @@ def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="/work/shared/data/kt/assist2009", help="folder of the three-line files")
+    p.add_argument("--data-dir", default=str(SHARED_DATA / "kt/assist2009"), help="folder of the three-line files")
     p.add_argument("--file", default="train.csv", help="three-line file to cut into windows")
     p.add_argument("--models", default="sakt,dkt", help="comma-separated subset of sakt,dkt")
     p.add_argument("--max-len", type=int, default=200, help="window length = our max_len = pyKT's seq_len")

@@ -74,6 +74,9 @@ INSTALL_HINT = "pip install --no-deps textbrewer && pip install tensorboardX"
 ARGS_T = {"output_hidden_states": True, "output_attentions": True}  # what TextBrewer passes to both models
 
 
+# The shared data sets beside the repository (../shared/data), wherever it is checked out.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
 def import_textbrewer():
     """TextBrewer's package, or a clear message saying what to install."""
     try:
@@ -235,7 +238,7 @@ def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="/work/shared/data/nlp/sst2", help="folder with train.tsv (SST-2 layout)")
+    p.add_argument("--data-dir", default=str(SHARED_DATA / "nlp/sst2"), help="folder with train.tsv (SST-2 layout)")
     p.add_argument("--teacher", default=None, help="local folder of the teacher (default: all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="every batch is padded to this length")

@@ -317,7 +317,7 @@ def test_long_table_round_trip_through_three_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Real data (the shared_data fixture, from tests/conftest.py, skips when /work/shared/data is absent)
+# Real data (the shared_data fixture, from tests/conftest.py, skips when ../shared/data is absent)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
