@@ -70,6 +70,7 @@ MIN_WINDOW = 3  # pyKT's min_seq_len: its preprocessing drops shorter sequences 
 # The shared data sets beside the repository (../shared/data), wherever it is checked out.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+
 def import_pykt():
     """pyKT's SAKT, DKT and training forward, or a clear message saying what to install."""
     try:

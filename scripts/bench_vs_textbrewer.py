@@ -77,6 +77,7 @@ ARGS_T = {"output_hidden_states": True, "output_attentions": True}  # what TextB
 # The shared data sets beside the repository (../shared/data), wherever it is checked out.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+
 def import_textbrewer():
     """TextBrewer's package, or a clear message saying what to install."""
     try:
