@@ -176,6 +176,7 @@ def model_arguments(model: nn.Module, batch: Any, inputs: Inputs = None, who: st
             ``forward``'s parameters).
     """
     keys = sorted(batch) if isinstance(batch, Mapping) else None
+    signature = _signature(model)
     if callable(inputs):
         made = inputs(batch)
         if isinstance(made, Mapping):
@@ -197,10 +198,9 @@ def model_arguments(model: nn.Module, batch: Any, inputs: Inputs = None, who: st
     elif not isinstance(batch, Mapping):
         args, kwargs = (batch,), {}
     else:
-        params = _signature(model).parameters
+        params = signature.parameters
         named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         args, kwargs = (), {k: v for k, v in batch.items() if k in named}
-    signature = _signature(model)
     try:
         signature.bind(*args, **kwargs)
         if not args and not kwargs and keys:  # every parameter optional (transformers), none of them in the batch

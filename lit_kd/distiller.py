@@ -445,11 +445,14 @@ class Distiller(nn.Module):
             )
         logits = view.logits.float()
         mask = None if view.logits_mask is None else view.logits_mask.bool()
-        unlabelled = view.labels < 0  # transfer-set rows (label -100): the KD term reads them, this term never does
-        if unlabelled.any():
-            mask = ~unlabelled if mask is None else mask & ~unlabelled
+        labelled = view.labels >= 0  # transfer-set rows (label -100): the KD term reads them, this term never does
         if cfg.user_hard_loss is not None:
+            if not labelled.all():  # the user's loss sees `mask=None` when every row counts
+                mask = labelled if mask is None else mask & labelled
             return cfg.user_hard_loss(logits, view.labels, mask)
+        # Built-in losses: the labelled rows enter the masked mean directly, with no host sync to ask whether any
+        # row is unlabelled (the mean over all rows when every row is labelled and nothing else is masked).
+        mask = labelled if mask is None else mask & labelled
         labels = view.labels.clamp_min(0)  # masked out below; a valid index for the per-item loss
         binary = cfg.hard_label_loss == "bce" or (cfg.hard_label_loss is None and cfg.binary)
         if binary:
@@ -457,8 +460,6 @@ class Distiller(nn.Module):
         else:
             per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
             per = per.reshape(view.labels.shape)
-        if mask is None:
-            return per.mean()
         mask = mask.to(per.dtype)
         return (per * mask).sum() / mask.sum().clamp_min(1.0)
 
