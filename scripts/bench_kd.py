@@ -266,14 +266,33 @@ def kd_config(a: argparse.Namespace, teacher: nn.Module) -> DistillationConfig:
                 loss="hidden_mse",
                 weight=a.hidden_weight,
                 projection=projection,
+                weight_scheduler="first_stage" if a.staged else "constant",
             )
         )
+    if a.student == "2layer" and a.attention_weight > 0:
+        # The student's last attention maps against the teacher's (both 12 heads).
+        matches.append(
+            IntermediateMatch(
+                layer_t=teacher.config.num_hidden_layers - 1,
+                layer_s=1,
+                feature="attention",
+                loss="attention_mse",
+                weight=a.attention_weight,
+                weight_scheduler="first_stage" if a.staged else "constant",
+            )
+        )
+    # Staged (TinyBERT's two stages): the matches alone until `--staged`, then the predictions (soft and hard).
+    second = "second_stage" if a.staged else "constant"
     return DistillationConfig(
         temperature=a.temperature,
         kd_loss_type="ce",
+        kd_loss_weight=a.kd_weight,
+        kd_loss_weight_scheduler=second,
         hard_label_weight=a.hard_label_weight,
+        hard_label_weight_scheduler=second,
         scale_by_temperature_squared=True,
         intermediate_matches=matches,
+        stage_boundary=a.staged or 0.5,
     )
 
 
@@ -297,6 +316,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--hard-label-weight", type=float, default=1.0)
     p.add_argument("--hidden-weight", type=float, default=1.0, help="last-hidden-state MSE weight (BERT students)")
+    p.add_argument(
+        "--attention-weight", type=float, default=0.0, help="last-attention-map MSE weight (2layer student only)"
+    )
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the soft cross-entropy (KD) term")
+    p.add_argument(
+        "--staged",
+        type=float,
+        default=0.0,
+        help="staged distillation: matches only until this fraction of the steps, then soft + hard labels (0: off)",
+    )
     p.add_argument("--transfer-augment", type=int, default=0, help="noisy copies of each training sentence, KD only")
     p.add_argument(
         "--transfer-file", default=None, help="unlabelled sentences for the KD term (one per line, or a TSV)"
@@ -312,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 for torch's choice (see the docstring)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
+    if not 0 <= a.staged < 1:
+        p.error(f"Expected --staged to be in [0, 1) but got {a.staged}")
     a.teacher = a.teacher or minilm_path()
     a.lr = a.lr if a.lr is not None else STUDENT_LR[a.student]
     for name in ("steps", "teacher_steps", "batch_size", "max_length", "log_every", "seeds", "transfer_per_sample"):
@@ -443,6 +474,9 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
                 "scale_by_temperature_squared": True,
                 "hard_label_weight": a.hard_label_weight,
                 "hidden_weight": a.hidden_weight if a.student != "bigru" else None,
+                "attention_weight": a.attention_weight if a.student == "2layer" else None,
+                "kd_weight": a.kd_weight,
+                "staged": a.staged or None,
                 "transfer_augment": a.transfer_augment,
                 "transfer_file": a.transfer_file,
                 "transfer_per_sample": a.transfer_per_sample if transfer else None,

@@ -73,3 +73,15 @@ def test_small_student_with_a_transfer_set_and_a_carved_split(bench, setup, tmp_
     assert out["dev_size"] == 3 and "last 3 train rows" in out["dataset"]
     assert out["settings"]["kd"]["transfer_rows"] == KD_TRAIN_SIZE - 3
     assert out["student"] == "small" and out["settings"]["kd"]["hidden_weight"] == 1.0
+
+
+def test_staged_distillation_weights(bench):
+    """``--staged 0.4``: the matches alone before 40% of the steps, then the soft and hard labels alone."""
+    a = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "0.4", "--attention-weight", "2"])
+    cfg = bench.kd_config(a, tiny_bert(layers=6, width=32, seed=0))
+    assert [(m.feature, m.weight) for m in cfg.intermediate_matches] == [("hidden", 1.0), ("attention", 2.0)]
+    for progress, matches, predictions in ((0.0, 1.0, 0.0), (0.39, 1.0, 0.0), (0.41, 0.0, 1.0), (1.0, 0.0, 1.0)):
+        assert [cfg.match_weight_at(m, progress) for m in cfg.intermediate_matches] == [matches, 2 * matches]
+        assert cfg.kd_loss_weight_at(progress) == predictions and cfg.hard_label_weight_at(progress) == predictions
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "1"])
