@@ -52,7 +52,7 @@ class TestAfterFitCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         ckpt = "best" if callback is not None and callback.best_model_path else None
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, weights_only=True)
         if self.trainer.is_global_zero and results:
             print(self.summary(results[0]))
         self.trainer.strategy.barrier("test_after_fit")  # the processes leave together (see `main`)

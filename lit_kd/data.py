@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_kd._files import FileFormatError, csv_rows, distributed_eval_sampler
+from lit_kd._files import FileFormatError, csv_rows, distributed_eval_sampler, open_text
 from lit_kd.students import resolve_name_or_path
 
 __all__ = [
@@ -55,10 +55,21 @@ __all__ = [
 ]
 
 _INT = re.compile(r"[+-]?[0-9]+")
+_INT64_MAX = 2**63 - 1
 _DELIMITERS = {".tsv": "\t", ".csv": ","}
 _ENCODING_KEYS = ("input_ids", "token_type_ids")
 UNLABELLED = -100
 """The label of transfer-set rows: ``F.cross_entropy``'s default ``ignore_index``, so no hard-label loss reads them."""
+
+
+def _to_int(text: str) -> int:
+    """``int(text)`` for text matching ``_INT``, free of Python's limit on the digits of a conversion.
+
+    A value beyond int64 comes back as ``_INT64_MAX + 1`` (or its negative), which the reader rejects.
+    """
+    if len(text.lstrip("+-").lstrip("0")) > 19:
+        return -(_INT64_MAX + 1) if text.startswith("-") else _INT64_MAX + 1
+    return int(text)
 
 
 class TextFormatError(FileFormatError):
@@ -115,7 +126,7 @@ def read_labelled_text(
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     texts: list[str] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open_text(path, TextFormatError, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         try:
             header = next((row for row in reader if row), None)
@@ -150,12 +161,16 @@ def read_labelled_text(
                     path, line, f"Expected a non-empty text in column {text_col!r} but got an empty field"
                 )
             label = row[label_at].strip()
-            if not _INT.fullmatch(label) or int(label) < 0:
+            if not _INT.fullmatch(label) or _to_int(label) < 0:
                 found = "an empty field" if not label else repr(label)
                 raise TextFormatError(
                     path, line, f"Expected an integer label >= 0 in column {label_col!r} but got {found}"
                 )
-            value = int(label)
+            value = _to_int(label)
+            if value > _INT64_MAX:
+                raise TextFormatError(
+                    path, line, f"Expected a label that fits in int64 in column {label_col!r} but got {label!r}"
+                )
             if num_labels is not None and value >= num_labels:
                 raise TextFormatError(
                     path, line, f"Expected a label < num_labels ({num_labels}) in column {label_col!r} but got {value}"
@@ -179,14 +194,19 @@ def read_unlabelled_text(path: str | os.PathLike[str], text_col: str = "sentence
     """
     suffix = Path(path).suffix.lower()
     texts: list[str] = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open_text(path, TextFormatError, newline="") as f:
         if suffix not in _DELIMITERS:
             texts = [line.strip() for line in f if line.strip()]
         else:
             delimiter = _DELIMITERS[suffix]
             quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-            header = next((row for row in reader if row), None)
+            try:
+                header = next((row for row in reader if row), None)
+            except csv.Error as e:
+                raise TextFormatError(
+                    path, reader.line_num or 1, f"Expected a header row but got a CSV error: {e}"
+                ) from e
             if header is None or text_col not in [h.strip() for h in header]:
                 raise TextFormatError(
                     path, reader.line_num or None, f"Expected a header with column {text_col!r} but got {header}"
@@ -492,7 +512,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             part = "teacher"
         if part not in self._tokenizers:
             name = self.hparams.tokenizer if part == "teacher" else self.hparams.student_tokenizer
-            tok = AutoTokenizer.from_pretrained(resolve_name_or_path(name))
+            tok = AutoTokenizer.from_pretrained(resolve_name_or_path(name), trust_remote_code=False)
             arg = "tokenizer" if part == "teacher" else "student_tokenizer"
             if not tok.is_fast:
                 raise ValueError(

@@ -12,19 +12,19 @@ other ``num_labels`` of the model's config) before anything is built.
 
 from __future__ import annotations
 
-import os
-
-import torch
 from torch import nn
 
+from lit_kd._files import read_checkpoint
 from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, resolve_name_or_path
 
 
 def _load_lightning_weights(model: nn.Module, checkpoint: str) -> nn.Module:
-    """Load a ``ClassifierModule`` (``model.*``) or ``DistillationModule`` (``student.*``) checkpoint's weights."""
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"Expected a checkpoint file at `checkpoint`={checkpoint!r} but it does not exist.")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    """Load a ``ClassifierModule`` (``model.*``) or ``DistillationModule`` (``student.*``) checkpoint's weights.
+
+    The checkpoint is read with ``weights_only=True``; an empty, truncated or foreign file, one holding pickled
+    callables, or one without a ``state_dict`` raises a ``ValueError`` naming it (``FileNotFoundError`` if missing).
+    """
+    state = read_checkpoint(checkpoint, "checkpoint")["state_dict"]
     for prefix in ("model.", "student."):
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
@@ -113,7 +113,7 @@ def bigru_student(
             " (`data.init_args.num_labels` or the labels of train.tsv), elsewhere give it explicitly."
         )
 
-    tok = AutoTokenizer.from_pretrained(resolve_name_or_path(tokenizer))
+    tok = AutoTokenizer.from_pretrained(resolve_name_or_path(tokenizer), trust_remote_code=False)
     return BiGRUClassifier(
         vocab_size=len(tok),
         num_labels=num_labels,

@@ -351,7 +351,8 @@ def load_teacher(
     kwargs: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+    # trust_remote_code=False: a folder whose config.json names its own code (`auto_map`) is refused, not run.
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
 
 
 def minilm_path() -> str:

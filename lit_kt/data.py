@@ -23,9 +23,37 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from lit_kt.formats import StudentSequence, read_long_table, read_three_line
+from lit_kt.formats import KTFormatError, StudentSequence, find_exercise_above, read_long_table, read_three_line
+
+
+class ExerciseIdError(KTFormatError):
+    """An exercise id above the range the model embeds (``num_exercises``) or above ``max_exercise_id``.
+
+    The message starts with ``"<path>:<line>: "``, the line of the first offending interaction in the file.
+    """
+
+
+def check_max_len(data_max_len: int, model_max_len: int | None, origin: str = "") -> None:
+    """Checks that the data module's windows fit the model's ``max_len`` (``None``: the model has no limit).
+
+    Args:
+        data_max_len: The data module's ``max_len``, the longest window it feeds the model.
+        model_max_len: The model's ``max_len`` (SAKT's position embedding), or ``None`` for an unbounded model (DKT).
+        origin: Appended to the message to say where the model's value comes from (e.g. a checkpoint).
+
+    Raises:
+        ValueError: If ``data_max_len > model_max_len``.
+    """
+    if model_max_len is not None and data_max_len > model_max_len:
+        raise ValueError(
+            f"Expected the data module's `max_len` (--data.max_len, {data_max_len}) to be <= the model's `max_len`"
+            f" (--model.init_args.model.init_args.max_len, {model_max_len}{origin}) but got a larger one: the data"
+            f" is cut into windows of up to {data_max_len} interactions and the model reads at most {model_max_len}."
+            " Set both to the same value."
+        )
 
 
 @dataclass(frozen=True)
@@ -227,6 +255,17 @@ class KTDataModule(L.LightningDataModule):
     oracle AUC on the test students (:meth:`oracle_auc`, the best any model can reach from the history) and the
     AUC of the true probabilities (:meth:`true_probability_auc`, an unreachable upper bound).
 
+    Exercise ids: the model embeds ids ``1..num_exercises``. Without an explicit ``num_exercises`` it is the largest
+    id of *all* splits (train, validation and test), so that every configuration that ran before still runs; ids
+    of the validation or test split that never occur in the training split (and so keep their initial embeddings)
+    are reported by a warning that counts them per split, e.g. ``test.csv: 3 exercise ids (12 interactions) never
+    seen in training; they are scored with untrained embeddings``. An explicit ``num_exercises`` (``lit-kt`` sets it
+    to the checkpoint's with ``--ckpt_path FILE``) must cover every file: a larger id is an :class:`ExerciseIdError`
+    naming the file and the line of the first such interaction. So is an id above ``max_exercise_id``, a sanity
+    bound checked right after reading, before anything is sized from the ids. In :meth:`setup`, when the trainer's
+    module holds a model with ``num_exercises`` and ``max_len`` (:class:`~lit_kt.models.SAKT`), the ids of the
+    stage's splits and this module's ``max_len`` are checked against it, before the first batch.
+
     Args:
         data_dir: Folder with ``train.csv`` and ``test.csv``; ``None`` for simulated students.
         format: ``"three_line"`` (count / ids / responses) or ``"long"`` (one interaction per row).
@@ -244,7 +283,10 @@ class KTDataModule(L.LightningDataModule):
             less random batches. Needs ``shuffle``.
         num_workers: DataLoader workers.
         seed: Seed of the validation split, of the simulated students and of ``group_by_length``'s shuffles.
-        num_exercises: Number of exercise ids; ``None`` for the largest id found in any split.
+        num_exercises: Number of exercise ids (ids ``1..num_exercises``); ``None`` for the largest id found in any
+            split. An explicit value must be >= every id in the files read.
+        max_exercise_id: Largest exercise id accepted in a file (a guard against, e.g., ids of 10**12 that would
+            size embedding tables beyond any memory); raise it for data sets with more exercises.
         student_col: Long format: student column.
         exercise_col: Long format: exercise column.
         correct_col: Long format: correctness column.
@@ -269,6 +311,7 @@ class KTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         num_exercises: int | None = None,
+        max_exercise_id: int = 10_000_000,
         student_col: str = "user_id",
         exercise_col: str = "skill_id",
         correct_col: str = "correct",
@@ -285,21 +328,54 @@ class KTDataModule(L.LightningDataModule):
             raise ValueError(f"Expected `format` to be 'three_line' or 'long' but got {format!r}.")
         if group_by_length and not shuffle:
             raise ValueError("Expected `shuffle` to be True with `group_by_length` (it shuffles) but got False.")
+        if num_exercises is not None and num_exercises < 1:
+            raise ValueError(f"Expected `num_exercises` to be >= 1 or None but got {num_exercises}.")
+        if max_exercise_id < 1:
+            raise ValueError(f"Expected `max_exercise_id` to be >= 1 but got {max_exercise_id}.")
         window_spans(1, max_len, eval_stride)  # validates max_len and eval_stride early
         self.save_hyperparameters()
         self._splits: dict[str, list[StudentSequence]] | None = None
         self._synthetic = None  # the simulated students, when there is no data_dir
         self._num_exercises: int | None = None
+        self._sources: dict[str, Path | None] = {}  # the file each split comes from (None: simulated)
+        self._largest: dict[str, int] = {}  # the largest exercise id of each split
 
     # ------------------------------------------------------------------ loading
     def _read(self, name: str) -> list[StudentSequence]:
         path = Path(self.hparams.data_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"Expected a data file at {path} but it does not exist.")
-        if self.hparams.format == "three_line":
-            return read_three_line(path)
         h = self.hparams
-        return read_long_table(path, h.student_col, h.exercise_col, h.correct_col, h.order_col)
+        if h.format == "three_line":
+            sequences = read_three_line(path)
+        else:
+            sequences = read_long_table(path, h.student_col, h.exercise_col, h.correct_col, h.order_col)
+        largest = max((int(s.exercises.max()) for s in sequences), default=0)
+        if h.num_exercises is not None and largest > h.num_exercises:
+            self._raise_id_above(
+                path,
+                h.num_exercises,
+                f"Expected `num_exercises` ({h.num_exercises}) to be >= the largest exercise id in the data (the"
+                " model embeds ids 1..num_exercises)",
+            )
+        if largest > h.max_exercise_id:
+            self._raise_id_above(
+                path,
+                h.max_exercise_id,
+                f"Expected exercise ids <= `max_exercise_id` ({h.max_exercise_id}, a sanity bound: the embedding"
+                " tables have a row per id)",
+                "; number the exercises 1..N or raise `--data.max_exercise_id`",
+            )
+        return sequences
+
+    def _raise_id_above(self, path: Path, bound: int, expected: str, suffix: str = "") -> None:
+        """Raises an :class:`ExerciseIdError` at the first interaction of ``path`` with an id above ``bound``.
+
+        The message reads ``"<expected> but got exercise id <id><suffix>"``.
+        """
+        found = find_exercise_above(path, bound, self.hparams.format, self.hparams.exercise_col)
+        line, exercise = found if found is not None else (None, f"above {bound}")
+        raise ExerciseIdError(path, line, f"{expected} but got exercise id {exercise}{suffix}")
 
     def _split_off_validation(self, train: list[StudentSequence]) -> tuple[list, list]:
         n_val = int(round(len(train) * self.hparams.val_fraction))
@@ -332,26 +408,66 @@ class KTDataModule(L.LightningDataModule):
             train, test = sim.sequences[half:], sim.sequences[:half]
             self._synthetic = sim
             train, val = self._split_off_validation(train)
+            self._sources = {"train": None, "val": None, "test": None}
         elif h.fold is not None:
             train, val = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv")
             test = self._read("test.csv")
+            root = Path(h.data_dir)
+            self._sources = {"train": root / f"train{h.fold}.csv", "val": root / f"valid{h.fold}.csv"}
+            self._sources["test"] = root / "test.csv"
         else:
             train, test = self._read("train.csv"), self._read("test.csv")
             train, val = self._split_off_validation(train)
+            root = Path(h.data_dir)
+            self._sources = {"train": root / "train.csv", "val": root / "train.csv", "test": root / "test.csv"}
         splits = {"train": train, "val": val, "test": test}
-        largest = {name: max((int(s.exercises.max()) for s in seqs), default=0) for name, seqs in splits.items()}
-        if h.num_exercises is None:
-            self._num_exercises = max(largest.values())
-        else:
-            worst = max(largest, key=largest.get)
-            if h.num_exercises < largest[worst]:
-                raise ValueError(
-                    f"Expected `num_exercises` to be >= the largest exercise id in the data ({largest[worst]}, in the"
-                    f" {worst} split) but got {h.num_exercises}."
-                )
-            self._num_exercises = h.num_exercises
+        self._largest = {name: max((int(s.exercises.max()) for s in seqs), default=0) for name, seqs in splits.items()}
+        # An explicit num_exercises was checked against every file as it was read (`_read`); simulated ids here.
+        worst = max(self._largest, key=self._largest.get)
+        if h.data_dir is None and h.num_exercises is not None and self._largest[worst] > h.num_exercises:
+            raise ValueError(
+                f"Expected `num_exercises` to be >= the largest exercise id in the data ({self._largest[worst]}, in"
+                f" {self._describe(worst)}) but got {h.num_exercises}."
+            )
+        self._num_exercises = max(self._largest.values()) if h.num_exercises is None else h.num_exercises
+        self._warn_unseen(splits)
         self._splits = splits
         return splits
+
+    def _describe(self, split: str) -> str:
+        """Where a split's students come from, for messages."""
+        source = self._sources.get(split)
+        if source is None:
+            return f"the simulated {'validation' if split == 'val' else split} students"
+        if split == "val" and self.hparams.fold is None:
+            return f"the validation students held out from {source}"
+        return str(source)
+
+    def _warn_unseen(self, splits: dict[str, list[StudentSequence]]) -> None:
+        """Warns, per split, about validation/test exercise ids that never occur in the training split."""
+        if not splits["train"]:
+            return
+        seen = np.unique(np.concatenate([s.exercises for s in splits["train"]]))
+        for split in ("val", "test"):
+            if not splits[split]:
+                continue
+            exercises = np.concatenate([s.exercises for s in splits[split]])
+            unseen = ~np.isin(exercises, seen)
+            if not unseen.any():
+                continue
+            ids = np.unique(exercises[unseen])
+            message = (
+                f"{self._describe(split)}: {len(ids)} exercise id{'s' if len(ids) != 1 else ''}"
+                f" ({int(unseen.sum())} interaction{'s' if unseen.sum() != 1 else ''}) never seen in training; they"
+                " are scored with untrained embeddings"
+            )
+            above = int((ids > self._largest["train"]).sum())
+            if above and self.hparams.num_exercises is None:
+                message += (
+                    f" ({above} of them above the training split's largest id, {self._largest['train']}, yet"
+                    f" counted in `num_exercises`, {self._num_exercises})"
+                )
+            rank_zero_warn(message + ".")
 
     @property
     def num_exercises(self) -> int:
@@ -389,9 +505,36 @@ class KTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = self._load()
         h = self.hparams
+        self._check_model(stage)
         self.train_set = KTDataset(splits["train"], h.max_len)
         self.val_set = KTDataset(splits["val"], h.max_len, h.eval_stride)
         self.test_set = KTDataset(splits["test"], h.max_len, h.eval_stride)
+
+    def _check_model(self, stage: str | None) -> None:
+        """Checks the ids and ``max_len`` of the data against the model of the attached trainer, if any.
+
+        Raises:
+            ExerciseIdError: If a split the stage reads holds an id above the model's ``num_exercises``.
+            ValueError: If ``max_len`` is above the model's ``max_len``.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model = getattr(module, "model", None)
+        check_max_len(self.hparams.max_len, getattr(model, "max_len", None))
+        num_exercises = getattr(model, "num_exercises", None)
+        if not isinstance(num_exercises, int):
+            return
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage, ("train", "val", "test")):
+            if self._largest.get(split, 0) <= num_exercises:
+                continue
+            expected = (
+                f"Expected exercise ids <= the model's `num_exercises` ({num_exercises}, it embeds ids"
+                f" 1..num_exercises) in {self._describe(split)}"
+            )
+            source = self._sources.get(split)
+            if source is None:
+                raise ValueError(f"{expected} but got exercise id {self._largest[split]}.")
+            self._raise_id_above(source, num_exercises, expected)
 
     def _sampler(self, dataset: KTDataset, train: bool) -> Sampler | None:
         if not train:

@@ -43,18 +43,22 @@ and reads ``"Expected ... but got ..."``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 __all__ = [
     "KTFormatError",
     "StudentSequence",
+    "find_exercise_above",
     "read_long_table",
     "read_three_line",
     "write_three_line",
@@ -66,6 +70,16 @@ _BINARY_LIST = re.compile(r"\s*[01]\s*(?:,\s*[01]\s*)*,?\s*")
 _INT = re.compile(r"[+-]?[0-9]+")
 _UINT = re.compile(r"[0-9]+")
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def _to_int(text: str) -> int:
+    """``int(text)`` for text matching ``_INT``, free of Python's limit on the digits of a conversion.
+
+    A value beyond int64 comes back as ``_INT64_MAX + 1`` (or its negative), which every reader rejects anyway.
+    """
+    if len(text.lstrip("+-").lstrip("0")) > 19:
+        return -(_INT64_MAX + 1) if text.startswith("-") else _INT64_MAX + 1
+    return int(text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +199,51 @@ class KTFormatError(FileFormatError):
     """Raised for malformed knowledge-tracing data (message ``"<path>:<line>: ..."``; see :class:`FileFormatError`)."""
 
 
+def undecodable_error(
+    path: str | os.PathLike[str], exc: UnicodeDecodeError, error: type[FileFormatError] = FileFormatError
+) -> FileFormatError:
+    """The format error for a file that is not valid UTF-8, at the first line holding an invalid byte sequence.
+
+    The decoder's offset is relative to a buffered chunk, so the file is read again in binary and decoded line by
+    line (lines end at ``\\n``, ``\\r`` or ``\\r\\n``, as the readers count them).
+
+    Args:
+        path: The file that failed to decode.
+        exc: The decoding error.
+        error: The error class to build.
+
+    Returns:
+        The error (for the caller to raise), naming the file, the 1-based line and the offending bytes.
+    """
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError:
+        lines = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return error(
+                path,
+                number,
+                f"Expected UTF-8 text but got the bytes {raw[e.start : e.end]!r} at byte {e.start + 1} of the line"
+                f" ({e.reason})",
+            )
+    return error(path, None, f"Expected UTF-8 text but got an undecodable byte sequence ({exc.reason})")
+
+
+@contextlib.contextmanager
+def open_text(
+    path: str | os.PathLike[str], error: type[FileFormatError] = FileFormatError, newline: str | None = None
+) -> Iterator[TextIO]:
+    """Opens a UTF-8 file (a byte-order mark is skipped) whose decoding errors become ``error`` at their line."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise undecodable_error(path, e, error) from e
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Three-line format
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,7 +263,7 @@ def read_three_line(path: str | os.PathLike[str]) -> list[StudentSequence]:
             the 1-based line number.
         OSError: If the file cannot be read.
     """
-    with open(path, encoding="utf-8-sig") as f:
+    with open_text(path, KTFormatError) as f:
         lines = f.read().split("\n")
     n = len(lines)
     while n and not lines[n - 1].strip():
@@ -229,7 +288,9 @@ def read_three_line(path: str | os.PathLike[str]) -> list[StudentSequence]:
             raise KTFormatError(
                 path, i + 1, f"Expected a non-negative integer count of attempts but got {count_text!r}"
             )
-        count = int(count_text)
+        count = _to_int(count_text)
+        if count > _INT64_MAX:
+            raise KTFormatError(path, i + 1, f"Expected a count of attempts that fits in int64 but got {count_text!r}")
         if count == 0:
             raise KTFormatError(path, i + 1, "Expected at least one interaction but got a count of 0")
         if i + 3 > n:
@@ -270,7 +331,7 @@ def _split_fields(text: str) -> list[str]:
 def _parse_ids(path: str | os.PathLike[str], line: int, text: str) -> np.ndarray:
     fields = _split_fields(text)
     if _UINT_LIST.fullmatch(text):
-        values = [int(f) for f in fields]
+        values = [_to_int(f.strip()) for f in fields]
         if max(values) <= _INT64_MAX:
             ids = np.array(values, dtype=np.int64)
             if ids.min() >= 1:
@@ -281,11 +342,12 @@ def _parse_ids(path: str | os.PathLike[str], line: int, text: str) -> np.ndarray
         if not _INT.fullmatch(value):
             found = "an empty field" if not value else repr(value)
             raise KTFormatError(path, line, f"Expected an integer exercise id at field {pos} but got {found}")
-        if int(value) < 1:
+        number = _to_int(value)
+        if number < 1:
             raise KTFormatError(
                 path, line, f"Expected an exercise id >= 1 (0 is reserved for padding) at field {pos} but got {value!r}"
             )
-        if int(value) > _INT64_MAX:
+        if number > _INT64_MAX:
             raise KTFormatError(
                 path, line, f"Expected an exercise id that fits in int64 at field {pos} but got {value!r}"
             )
@@ -370,7 +432,7 @@ def read_long_table(
     """
     required = [student_col, exercise_col, correct_col] + ([order_col] if order_col is not None else [])
     groups: dict[str, tuple[list[int], list[int], list[int | float]]] = {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open_text(path, KTFormatError, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             header = reader.fieldnames
@@ -411,12 +473,12 @@ def read_long_table(
                 )
 
             ex_text = value(row, exercise_col, line, "an exercise id")
-            if not _INT.fullmatch(ex_text) or int(ex_text) < 1:
+            if not _INT.fullmatch(ex_text) or _to_int(ex_text) < 1:
                 found = "an empty field" if not ex_text else repr(ex_text)
                 raise KTFormatError(
                     path, line, f"Expected an integer exercise id >= 1 in column {exercise_col!r} but got {found}"
                 )
-            exercise = int(ex_text)
+            exercise = _to_int(ex_text)
             if exercise > _INT64_MAX:
                 raise KTFormatError(
                     path,
@@ -462,9 +524,65 @@ def read_long_table(
 def _parse_order(text: str) -> int | float | None:
     """Parses an order value: an exact int when possible, else a finite float; ``None`` when invalid."""
     if _INT.fullmatch(text):
-        return int(text)
+        with contextlib.suppress(ValueError):  # beyond Python's digit limit: read as a float below (inf: invalid)
+            return int(text)
     try:
         number = float(text)
     except ValueError:
         return None
     return number if math.isfinite(number) else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Locating an interaction
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def find_exercise_above(
+    path: str | os.PathLike[str],
+    bound: int,
+    format: str = "three_line",
+    exercise_col: str = "skill_id",
+    delimiter: str = ",",
+) -> tuple[int, int] | None:
+    """Finds the first interaction of a file whose exercise id is above ``bound``.
+
+    :class:`StudentSequence` does not keep line numbers (a long table's rows are even reordered); this rescan of a
+    file that already read without error gives the line to report when an id is out of range, so that the common
+    path pays nothing for it.
+
+    Args:
+        path: A file that :func:`read_three_line` or :func:`read_long_table` read without error.
+        bound: The largest allowed exercise id.
+        format: ``"three_line"`` or ``"long"``.
+        exercise_col: Long table: the exercise column.
+        delimiter: Long table: the field delimiter.
+
+    Returns:
+        ``(line, exercise_id)`` with the 1-based physical line of the first such id in file order (for a three-line
+        file, its line of ids), or ``None`` when every id is ``<= bound``.
+
+    Raises:
+        ValueError: If ``format`` is neither ``"three_line"`` nor ``"long"``.
+        OSError: If the file cannot be read.
+    """
+    if format == "three_line":
+        with open_text(path, KTFormatError) as f:
+            lines = f.read().split("\n")
+        for k in range(1, len(lines), 3):  # the id line of every record
+            if not lines[k].strip():
+                break  # the blank lines at the end of the file
+            ids = _parse_ids(path, k + 1, lines[k])
+            if ids.max() > bound:
+                return k + 1, int(ids[np.argmax(ids > bound)])
+        return None
+    if format != "long":
+        raise ValueError(f"Expected `format` to be 'three_line' or 'long' but got {format!r}.")
+    with open_text(path, KTFormatError, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        for row in reader:
+            exercise = int(str(row[exercise_col]).strip())
+            if exercise > bound:
+                return reader.line_num, exercise
+    return None

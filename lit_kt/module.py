@@ -9,11 +9,17 @@ Checkpoint policy: ``save_hyperparameters`` stores the model as ``{"class_path",
 model's ``config``), so ``KTModule.load_from_checkpoint(path)`` rebuilds it with no arguments, whether the module
 was made in Python or by ``lit-kt``. Optimizer and scheduler callables are not stored: pass them again (or keep
 them in the YAML) when resuming training.
+
+A checkpoint's ``class_path`` is imported only from a trusted module: ``lit_kt``, ``torch.nn``, those named with
+:func:`allow_model_modules` or, comma separated, in ``$LIT_KT_ALLOWED_MODULES``; any other is refused before it is
+imported (importing a module runs its code), and it must name an ``nn.Module`` subclass.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,12 +40,92 @@ def _model_spec(model: nn.Module) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(model.config)}
 
 
-def _build_model(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from ``{"class_path", "init_args"}`` (a checkpoint's hyperparameters)."""
-    module_name, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
+ALLOWED_MODULES_ENV = "LIT_KT_ALLOWED_MODULES"
+"""The environment variable whose comma-separated module names are trusted as :func:`allow_model_modules` trusts."""
+
+_DEFAULT_ALLOWED_MODULES = ("lit_kt", "torch.nn")
+_allowed_modules: list[str] = []
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def allow_model_modules(*modules: str) -> tuple[str, ...]:
+    """Trusts more modules to hold the model classes that ``lit-kt`` checkpoints name.
+
+    A checkpoint stores its model as ``{"class_path", "init_args"}``; :meth:`KTModule.load_from_checkpoint` and
+    :func:`~lit_kt.factories.model_from_checkpoint` import ``class_path`` only if its module is ``lit_kt``,
+    ``torch.nn`` or a module allowed here or in ``$LIT_KT_ALLOWED_MODULES`` (comma separated, e.g.
+    ``LIT_KT_ALLOWED_MODULES=my_project.models lit-kd fit ...``), or a submodule of one; any other name (e.g.
+    ``os.system``) is refused before anything is imported, and an allowed one must name an ``nn.Module`` subclass.
+    Allow only modules whose import you trust: importing a module runs its code.
+
+    Args:
+        *modules: Module names, e.g. ``"my_project.models"`` (a trailing ``.`` is ignored); none to only read the
+            list.
+
+    Returns:
+        The modules trusted now: the defaults, those allowed by this function, then those of the environment.
+
+    Raises:
+        ValueError: If a name is not a dotted Python module name.
+
+    Example:
+        >>> "my_project.models" in allow_model_modules("my_project.models")  # doctest: +SKIP
+        True
+    """
+    for module in modules:
+        name = module.rstrip(".") if isinstance(module, str) else module
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise ValueError(
+                f"Expected `modules` to be dotted module names such as 'my_project.models' but got {module!r}."
+            )
+        if name not in _allowed_modules:
+            _allowed_modules.append(name)
+    from_env = [m.strip().rstrip(".") for m in os.environ.get(ALLOWED_MODULES_ENV, "").split(",") if m.strip()]
+    return tuple(dict.fromkeys([*_DEFAULT_ALLOWED_MODULES, *_allowed_modules, *from_env]))
+
+
+def _model_class(class_path: Any, source: str = "`model.class_path`") -> type[nn.Module]:
+    """The ``nn.Module`` subclass named by ``class_path``, imported only when its module is trusted.
+
+    Args:
+        class_path: ``"<module>.<Class>"`` (e.g. from a checkpoint's hyperparameters).
+        source: Where it was read, for the messages (e.g. ``"the checkpoint runs/best.ckpt"``).
+
+    Raises:
+        ValueError: If ``class_path`` is not a dotted name in a trusted module (nothing is imported then).
+        ImportError: If it does not import.
+        TypeError: If it names something else than an ``nn.Module`` subclass.
+    """
+    if not isinstance(class_path, str) or not _MODULE_NAME.fullmatch(class_path) or "." not in class_path:
+        raise ValueError(f"Expected {source} to name a model class as `module.Class` but got {class_path!r}.")
+    allowed = allow_model_modules()
+    module_name, _, name = class_path.rpartition(".")
+    if not any(module_name == module or module_name.startswith(f"{module}.") for module in allowed):
+        raise ValueError(
+            f"Refusing to import the model class {class_path!r} of {source}: expected a class in one of the trusted "
+            f"modules ({', '.join(allowed)}), since importing a module runs its code. If you trust it, allow the "
+            f"module with `lit_kt.module.allow_model_modules({module_name!r})` or "
+            f"${ALLOWED_MODULES_ENV}={module_name}."
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(
+            f"Expected the model class {class_path!r} of {source} to be importable but it is not: {e}"
+        ) from e
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"Expected `model.class_path` to name an nn.Module subclass but got {spec['class_path']!r}.")
+        raise TypeError(
+            f"Expected {source} to name an nn.Module subclass but got {class_path!r} ({type(cls).__name__})."
+        )
+    return cls
+
+
+def _build_model(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from ``{"class_path", "init_args"}`` (a checkpoint's hyperparameters).
+
+    The class is checked before it is imported (:func:`allow_model_modules`).
+    """
+    cls = _model_class(spec.get("class_path"))
     return cls(**spec.get("init_args", {}))
 
 

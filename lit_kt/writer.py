@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+COLUMNS = ["sequence", "student", "position", "exercise", "response", "probability"]
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -16,6 +22,11 @@ class PredictionWriter(BasePredictionWriter):
     ``position`` (0-based, in the student's whole sequence), ``exercise``, ``response`` (the actual answer) and
     ``probability`` (the predicted probability of a correct answer). Each interaction appears once (context-only
     positions of overlapping windows are skipped). Under DDP every process writes ``<stem>.rank<r><suffix>``.
+
+    The file is replaced atomically: the rows go to a temporary file in the same folder
+    (``.<name>.<random>.tmp``), which is flushed to disk and then renamed onto the target, so a run that dies while
+    writing leaves the previous file (or none) intact, never a truncated one. A temporary file that was being written
+    when the process was killed (e.g. ``SIGKILL``) stays behind and may be deleted; on an exception it is removed.
 
     Args:
         output_path: The CSV file to write.
@@ -30,18 +41,79 @@ class PredictionWriter(BasePredictionWriter):
         path = self.output_path
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["sequence", "student", "position", "exercise", "response", "probability"])
-            for batch in predictions:
-                probs, mask = batch["probabilities"].float().cpu(), batch["mask"].cpu()
-                for row, index in enumerate(batch["index"].tolist()):
-                    window = dataset.windows[index]
-                    seq = dataset.sequences[window.sequence]
-                    for j in mask[row].nonzero().flatten().tolist():
-                        pos = window.start + j
-                        out.writerow(
-                            [window.sequence, seq.student or "", pos, int(seq.exercises[pos]),
-                             int(seq.responses[pos]), f"{float(probs[row, j]):.6f}"]
-                        )  # fmt: skip
+        write_csv_atomically(path, self.rows(dataset, predictions))
+
+    def rows(self, dataset: Any, predictions: Sequence[dict[str, Any]]) -> Iterator[list[Any]]:
+        """The CSV rows, header first.
+
+        Args:
+            dataset: The prediction dataset (a ``KTDataset``: ``windows`` and ``sequences``).
+            predictions: The outputs of ``predict_step``, one dict per batch with ``probabilities``, ``mask`` and
+                ``index`` (the dataset index of each row).
+
+        Yields:
+            The header, then one row per scored interaction.
+        """
+        yield COLUMNS
+        for batch in predictions:
+            probs, mask = batch["probabilities"].float().cpu(), batch["mask"].cpu()
+            for row, index in enumerate(batch["index"].tolist()):
+                window = dataset.windows[index]
+                seq = dataset.sequences[window.sequence]
+                for j in mask[row].nonzero().flatten().tolist():
+                    pos = window.start + j
+                    yield [window.sequence, seq.student or "", pos, int(seq.exercises[pos]), int(seq.responses[pos]),
+                           f"{float(probs[row, j]):.6f}"]  # fmt: skip
+
+
+def write_csv_atomically(path: Path, rows: Iterable[Sequence[Any]]) -> None:
+    """Writes ``rows`` as CSV to ``path`` through a temporary file in the same folder, then renames it onto ``path``.
+
+    Readers see the old file or the whole new one, never a part. The folder is created if needed; the new file gets
+    the permissions a plain ``open(path, "w")`` would give it.
+
+    Args:
+        path: The file to write (replaced if it exists).
+        rows: The rows, header included.
+
+    Raises:
+        OSError: If the folder or the file cannot be written; the temporary file is removed and ``path`` is unchanged.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(
+        "w", newline="", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with tmp as f:
+            csv.writer(f).writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp.name, 0o666 & ~_umask())  # NamedTemporaryFile creates 0600
+        os.replace(tmp.name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp.name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes the rename durable where the platform allows opening a folder (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

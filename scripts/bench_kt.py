@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trainer.fit(module, data)
         val_auc = float(best.best_model_score)
-        best_epoch = int(torch.load(best.best_model_path, map_location="cpu", weights_only=False)["epoch"])
-        test = trainer.test(module, data, ckpt_path=best.best_model_path, verbose=False)[0]
+        best_epoch = int(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["epoch"])
+        test = trainer.test(module, data, ckpt_path=best.best_model_path, verbose=False, weights_only=True)[0]
     result = {
         "model": a.model,
         "dataset": Path(a.data_dir).resolve().name,

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     # DistillationModule.training_step logs through self.log, which warns (and returns) without a Trainer.
     warnings.filterwarnings("ignore", message=".*self.log.*")
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(a.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(a.teacher, trust_remote_code=False)
     batches = make_batches(a, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(a, batches, tmp)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--head", type=int, default=None, help="one head (default: mean over heads)")
     p.add_argument("--out", type=Path, default=Path("attention.png"))
     a = p.parse_args(argv)
-    model = KTModule.load_from_checkpoint(a.ckpt, map_location="cpu").model
+    model = KTModule.load_from_checkpoint(a.ckpt, map_location="cpu", weights_only=True).model
     if not isinstance(model, SAKT):
         p.error(f"--ckpt holds a {type(model).__name__} model; attention plots need SAKT")
     test = KTDataModule(data_dir=a.data_dir).sequences("test")

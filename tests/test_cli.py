@@ -85,9 +85,10 @@ def test_resuming_from_a_checkpoint_file_keeps_the_configured_optimizer(tmp_path
     assert cli.trainer.current_epoch == 2
 
 
-def test_cli_predict_writes_one_row_per_test_interaction(tmp_path):
+def test_cli_predict_writes_one_row_per_test_interaction(tmp_path, monkeypatch):
     import csv
 
+    monkeypatch.chdir(tmp_path)  # the config's own PredictionWriter writes to the relative runs/sakt_synthetic/
     config = next(c for c in KT_CONFIGS if c.name == "sakt_synthetic.yaml")
     common = ["--config", str(config), "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", str(tmp_path), "--data.synthetic_students", "40",

@@ -155,6 +155,7 @@ def test_the_knowledge_tracing_splits_are_odd_and_the_training_set_fills_whole_s
 
 
 # ---------------------------------------------------------------------------------------------------- knowledge tracing
+@pytest.mark.slow  # the two-node launch of `two_nodes`, which the next three tests share: ~23 s
 @pytest.mark.ddp
 def test_two_nodes_train_like_one_process_with_the_same_global_batch(two_nodes, single):
     ranks = read_ranks(two_nodes / "record", 2)
@@ -174,6 +175,7 @@ def test_two_nodes_train_like_one_process_with_the_same_global_batch(two_nodes, 
     assert_same_function(ranks[0][1], after_epoch)
 
 
+@pytest.mark.slow  # two_nodes
 @pytest.mark.ddp
 def test_checkpoint_is_written_once_by_rank_zero(two_nodes):
     (rank0, _), (rank1, _) = read_ranks(two_nodes / "record", 2)
@@ -182,6 +184,7 @@ def test_checkpoint_is_written_once_by_rank_zero(two_nodes):
     assert sorted(p.name for p in (two_nodes / "run").rglob("*.ckpt")) == ["epoch=0-step=8.ckpt"]
 
 
+@pytest.mark.slow  # two_nodes
 @pytest.mark.ddp
 def test_two_process_test_metrics_equal_one_process(two_nodes):
     ranks = read_ranks(two_nodes / "record", 2)
@@ -199,6 +202,7 @@ def test_two_process_test_metrics_equal_one_process(two_nodes):
         assert distributed[name] == pytest.approx(one[name], abs=1e-6), name
 
 
+@pytest.mark.slow  # two_nodes
 @pytest.mark.ddp
 def test_resume_from_two_processes_on_one(two_nodes, single, tmp_path):
     config = kt_config_file(tmp_path, batch_size=4, max_epochs=2)
@@ -213,6 +217,7 @@ def test_resume_from_two_processes_on_one(two_nodes, single, tmp_path):
     assert_same_function(weights, reference_weights)
 
 
+@pytest.mark.slow  # ~35 s
 @pytest.mark.ddp
 def test_resume_from_one_process_on_two_with_ddp_spawn(single, tmp_path):
     config = kt_config_file(tmp_path, batch_size=2, max_epochs=2)

@@ -93,6 +93,7 @@ def test_chunked_attention_matches_autograd_reference_in_value_and_gradient(monk
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow  # float64 gradcheck: ~25 s
 def test_chunked_attention_passes_gradcheck_and_equals_sdpa_without_dropout(monkeypatch):
     monkeypatch.setattr(attention, "CACHE_BYTES", 6 * 6 * 8)  # one head per piece
     torch.manual_seed(1)

@@ -6,6 +6,7 @@ from functools import partial
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from lit_kt import SAKT, KTDataModule, SAKTModule, StudentSequence, write_three_line
@@ -43,6 +44,7 @@ def test_random_responses_give_chance_auc(tmp_path):
     assert abs(auc - 0.5) < 0.02
 
 
+@pytest.mark.slow  # 12 epochs on 4,000 students: several minutes on 2 CPU cores
 def test_sakt_reaches_the_oracle_on_simulated_students(tmp_path):
     """4,000 simulated students (half for testing): SAKT's test AUC within 0.05 of the best reachable AUC."""
     L.seed_everything(42, verbose=False)

@@ -1,7 +1,6 @@
 """Tests of the simulated students of lit_kt.synthetic."""
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -210,13 +209,10 @@ def test_guess_zero_and_floor():
 
 
 def test_true_probability_auc_defaults():
-    start = time.perf_counter()
     data = generate_students()
-    elapsed = time.perf_counter() - start
     auc = data.true_probability_auc()
-    print(f"oracle AUC (defaults) = {auc:.4f}, generated in {elapsed:.3f} s")
+    print(f"oracle AUC (defaults) = {auc:.4f}")
     assert 0.65 < auc < 1.0
-    assert elapsed < 5.0  # well under a second normally; loose bound for loaded machines
     # The oracle equals roc_auc on the concatenated data.
     _, responses, probabilities = _stack(data)
     assert auc == pytest.approx(roc_auc(probabilities.ravel(), responses.ravel()))
@@ -402,17 +398,11 @@ def _history_free_predictions(data: SyntheticStudents) -> np.ndarray:
 def test_oracle_auc_between_history_free_and_true_probabilities():
     data = generate_students()
     _, responses, probabilities = _stack(data)
-    start = time.perf_counter()
     bayes = data.oracle_probabilities()
-    elapsed = time.perf_counter() - start
     true_auc = data.true_probability_auc()
     oracle_auc = data.oracle_auc()
     free_auc = roc_auc(_history_free_predictions(data).ravel(), responses.ravel())
-    print(
-        f"AUC (defaults): true probabilities {true_auc:.4f}, Bayes {oracle_auc:.4f}, history-free {free_auc:.4f}; "
-        f"oracle_probabilities in {elapsed:.3f} s"
-    )
+    print(f"AUC (defaults): true probabilities {true_auc:.4f}, Bayes {oracle_auc:.4f}, history-free {free_auc:.4f}")
     assert oracle_auc == pytest.approx(roc_auc(np.concatenate(bayes), responses.ravel()))
     assert true_auc == pytest.approx(roc_auc(probabilities.ravel(), responses.ravel()))
     assert true_auc > oracle_auc > free_auc > 0.5
-    assert elapsed < 5.0  # about half a second normally; loose bound for loaded machines
