@@ -7,6 +7,13 @@ model returned. The view names what the losses need; fields a model does not pro
 adaptor with ``functools.partial`` (it pickles, and LightningCLI accepts it as a callable), e.g.
 ``partial(default_adaptor, labels_key="y", mask_key="attn")``.
 
+Token-level tasks (``task_type`` of :class:`~lit_kd.module.DistillationModule`, :class:`~lit_kd.distiller.Distiller`
+and :class:`~lit_kd.callback.DistillationCallback` picks the default adaptor): :func:`causal_lm_adaptor` shifts a
+causal LM's (B, L, V) logits by one (``logits[:, :-1]`` predict ``labels[:, 1:]``), :func:`token_adaptor` keeps them
+as they are (masked LMs, token classification). Both give a ``logits_mask`` of the positions that count (label not
+-100, real tokens), which the KD term, the hard-label loss and the token metrics honour; :func:`default_adaptor` also
+masks (B, L, C) logits by the labels and the attention mask, without a shift.
+
 How a model is called (:func:`call_model`): with ``inputs=None``, with the batch entries whose names are *named*
 parameters of its ``forward`` (never through ``**kwargs``: unknown keys are not passed); with a key map
 ``{forward_parameter: batch_key}``, with exactly those entries; with a function, with what ``inputs(batch)`` returns
@@ -22,7 +29,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -58,6 +65,8 @@ class ModelView:
 Adaptor = Callable[[Any, Any], "ModelView | Mapping[str, Any]"]
 Inputs = Mapping[str, str] | Callable[[Any], Any] | None
 _VIEW_FIELDS = frozenset(f.name for f in fields(ModelView))
+IGNORE_INDEX = -100
+"""The label of a position that is not scored (``transformers``' and ``torch.nn.CrossEntropyLoss``'s default)."""
 
 
 def as_view(view: Any, who: str = "model") -> ModelView:
@@ -81,13 +90,27 @@ def _get(outputs: Any, key: str) -> Any:
     return getattr(outputs, key, None)
 
 
+def _token_mask(labels: Any, mask: Any, shape: tuple[int, ...]) -> Tensor | None:
+    """The (B, L) bool mask of scored positions: ``labels != -100`` and ``mask != 0``, each where given with the
+    logits' position shape ``shape``; ``None`` when neither is."""
+    out = None
+    for part in (None if labels is None else labels != IGNORE_INDEX, None if mask is None else mask != 0):
+        if isinstance(part, Tensor) and tuple(part.shape) == tuple(shape):
+            out = part if out is None else out & part
+    return out
+
+
 def default_adaptor(
     batch: Mapping[str, Any], outputs: Any, labels_key: str = "labels", mask_key: str = "attention_mask"
 ) -> ModelView:
     """Reads ``transformers`` outputs, dicts with the same keys, or a bare logits tensor.
 
     ``logits``, ``hidden_states``, ``attentions`` and ``loss`` come from the outputs; the labels and the input mask
-    from the batch, under ``labels_key`` and ``mask_key`` (bind other names with ``functools.partial``).
+    from the batch, under ``labels_key`` and ``mask_key`` (bind other names with ``functools.partial``). For
+    (B, L, C) token logits the ``logits_mask`` is ``labels != -100`` and the input mask (those of the two the batch
+    holds with shape (B, L)), so padding never counts in the KD loss; there is no causal shift (see
+    :func:`causal_lm_adaptor` for causal language models, :func:`token_adaptor` for masked LMs and token
+    classification).
     """
     if isinstance(outputs, Tensor):
         logits, loss = outputs, None
@@ -99,14 +122,138 @@ def default_adaptor(
                 "pass a `teacher_adaptor`/`student_adaptor` that reads your model's outputs."
             )
     is_map = isinstance(batch, Mapping)
+    labels = batch.get(labels_key) if is_map else None
+    input_mask = batch.get(mask_key) if is_map else None
+    logits_mask = _token_mask(labels, input_mask, tuple(logits.shape[:2])) if logits.dim() == 3 else None
     return ModelView(
         logits=logits,
-        labels=batch.get(labels_key) if is_map else None,
+        logits_mask=logits_mask,
+        labels=labels,
         hidden_states=None if isinstance(outputs, Tensor) else _get(outputs, "hidden_states"),
         attentions=None if isinstance(outputs, Tensor) else _get(outputs, "attentions"),
-        input_mask=batch.get(mask_key) if is_map else None,
+        input_mask=input_mask,
         losses=[loss] if loss is not None else [],
     )
+
+
+def _token_logits(outputs: Any, who: str) -> Tensor:
+    """The (B, L, V) logits of a token-level model's outputs (``transformers`` outputs, a dict or a tensor)."""
+    logits = outputs if isinstance(outputs, Tensor) else _get(outputs, "logits")
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        got = type(outputs).__name__ if not isinstance(logits, Tensor) else f"shape {tuple(logits.shape)}"
+        raise ValueError(
+            f"Expected (B, L, V) token logits from the model's outputs for `{who}` (a `logits` entry, or a tensor) "
+            f"but got {got}."
+        )
+    return logits
+
+
+def causal_lm_adaptor(
+    batch: Mapping[str, Any], outputs: Any, labels_key: str = "labels", mask_key: str = "attention_mask"
+) -> ModelView:
+    """Reads a causal language model: the logits at position ``t`` predict the token at ``t + 1``.
+
+    The view holds the shifted pairs: ``logits[:, :-1]`` (B, L-1, V) and ``labels[:, 1:]`` (B, L-1), and a
+    ``logits_mask`` (B, L-1) that is True where a prediction counts: the target's label is not -100 and, when the
+    batch has ``mask_key``, both the predicting position ``t`` and the target ``t + 1`` are real tokens (so neither
+    right nor left padding, whatever its token ids, ever counts; without labels the mask comes from the input mask
+    alone). The KD term, the hard-label loss (cross-entropy over the masked positions: the model's own
+    ``outputs.loss`` is not read) and the token metrics (perplexity, next-token accuracy) all read these positions.
+    ``hidden_states``/``attentions`` and ``input_mask`` stay unshifted (B, L) for intermediate matches. Batches
+    without labels: ``partial(causal_lm_adaptor, labels_key="input_ids")`` scores every real next token.
+
+    Args:
+        batch: The model's batch (``input_ids``, ``attention_mask``, ``labels``, ...).
+        outputs: ``transformers`` outputs, a dict with ``logits``, or a (B, L, V) logits tensor.
+        labels_key: The batch key of the (B, L) labels (-100: not scored); unshifted, as ``transformers`` takes them.
+        mask_key: The batch key of the (B, L) attention mask (0: padding).
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(1, 4, 7)  # (B, L, V)
+        >>> batch = {"labels": torch.tensor([[3, 4, 5, -100]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+        >>> view = causal_lm_adaptor(batch, logits)
+        >>> tuple(view.logits.shape), view.labels.tolist(), view.logits_mask.tolist()
+        ((1, 3, 7), [[4, 5, -100]], [[True, True, False]])
+    """
+    logits = _token_logits(outputs, "causal_lm_adaptor")
+    is_map = isinstance(batch, Mapping)
+    labels = batch.get(labels_key) if is_map else None
+    input_mask = batch.get(mask_key) if is_map else None
+    B, L = logits.shape[:2]
+    for name, value in ((labels_key, labels), (mask_key, input_mask)):
+        if value is not None and tuple(value.shape) != (B, L):
+            raise ValueError(
+                f"Expected `batch[{name!r}]` to have the logits' positions {(B, L)} (causal_lm_adaptor) but got "
+                f"shape {tuple(value.shape)}."
+            )
+    shifted = None if labels is None else labels[:, 1:]  # (B, L-1): the token each position predicts
+    mask = None if shifted is None else shifted != IGNORE_INDEX  # (B, L-1)
+    if input_mask is not None:
+        real = input_mask != 0  # (B, L)
+        both = real[:, :-1] & real[:, 1:]  # (B, L-1): a real token predicting a real token
+        mask = both if mask is None else mask & both
+    return ModelView(
+        logits=logits[:, :-1],  # (B, L-1, V)
+        logits_mask=mask,
+        labels=shifted,
+        hidden_states=None if isinstance(outputs, Tensor) else _get(outputs, "hidden_states"),
+        attentions=None if isinstance(outputs, Tensor) else _get(outputs, "attentions"),
+        input_mask=input_mask,
+    )
+
+
+def token_adaptor(
+    batch: Mapping[str, Any], outputs: Any, labels_key: str = "labels", mask_key: str = "attention_mask"
+) -> ModelView:
+    """Reads a token-level model without a shift: masked language models and token classification.
+
+    The view holds the (B, L, V) logits, the (B, L) labels and a ``logits_mask`` (B, L) that is True where the label
+    is not -100 and, when the batch has ``mask_key``, the token is real; without labels, the input mask alone. The
+    KD term, the hard-label loss (cross-entropy over the masked positions; ``outputs.loss`` is not read) and the
+    token metrics read these positions.
+
+    Args:
+        batch: The model's batch.
+        outputs: ``transformers`` outputs, a dict with ``logits``, or a (B, L, V) logits tensor.
+        labels_key: The batch key of the (B, L) labels (-100: not scored, e.g. unmasked tokens of a masked LM).
+        mask_key: The batch key of the (B, L) attention mask (0: padding).
+    """
+    logits = _token_logits(outputs, "token_adaptor")
+    is_map = isinstance(batch, Mapping)
+    labels = batch.get(labels_key) if is_map else None
+    input_mask = batch.get(mask_key) if is_map else None
+    B, L = logits.shape[:2]
+    for name, value in ((labels_key, labels), (mask_key, input_mask)):
+        if value is not None and tuple(value.shape) != (B, L):
+            raise ValueError(
+                f"Expected `batch[{name!r}]` to have the logits' positions {(B, L)} (token_adaptor) but got shape "
+                f"{tuple(value.shape)}."
+            )
+    return ModelView(
+        logits=logits,  # (B, L, V)
+        logits_mask=_token_mask(labels, input_mask, (B, L)),  # (B, L)
+        labels=labels,
+        hidden_states=None if isinstance(outputs, Tensor) else _get(outputs, "hidden_states"),
+        attentions=None if isinstance(outputs, Tensor) else _get(outputs, "attentions"),
+        input_mask=input_mask,
+    )
+
+
+TaskType = Literal["sequence", "causal_lm", "token"]
+TASK_ADAPTORS: dict[str, Callable[..., ModelView]] = {
+    "sequence": default_adaptor,
+    "causal_lm": causal_lm_adaptor,
+    "token": token_adaptor,
+}
+"""The default adaptor of each ``task_type``: one prediction per sample (or the logits as they are), a causal LM
+(shifted by one), or token-level logits without a shift."""
+
+
+def check_task_type(task_type: str) -> None:
+    """Refuse a ``task_type`` other than ``"sequence"``, ``"causal_lm"`` or ``"token"``."""
+    if task_type not in TASK_ADAPTORS:
+        raise ValueError(f"Expected `task_type` to be one of {sorted(TASK_ADAPTORS)} but got {task_type!r}.")
 
 
 def is_transformers_model(model: nn.Module) -> bool:

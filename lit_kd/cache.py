@@ -13,13 +13,27 @@ Layout of a cache folder:
 - with ``top_k=k`` instead of ``logits.npy`` (for many classes, e.g. a vocabulary): ``topk_logits.npy`` and
   ``topk_indices.npy`` (N, ..., k), the k largest logits of each row and their classes, and ``logsumexp.npy``
   (N, ...), the log-normaliser over all classes. A lookup rebuilds full logits whose softmax gives the k cached
-  classes their exact probabilities and shares the remaining probability equally among the other classes;
+  classes their exact probabilities and shares the remaining probability equally among the other classes. Storage
+  per scored item (a sample, or a token of (N, L, V) logits): ``k`` float32 values + ``k`` int32 indices + one
+  float32 log-normaliser, i.e. ``8k + 4`` bytes (plus 1 byte of ``logits_mask.npy`` for token logits), against
+  ``4V`` bytes for full logits: k=32 of a V=50,257 vocabulary is 260 (+1) bytes per token instead of 201,028;
+- ``logits_mask.npy``: (N, L) bool, written when the adaptor gives a ``logits_mask`` over the positions of (N, L, C)
+  token logits (:func:`~lit_kd.adaptors.causal_lm_adaptor`, :func:`~lit_kd.adaptors.token_adaptor`): True where the
+  teacher's logits were stored. Positions outside it (padding, label -100) are not stored: their logits are written
+  as zeros, so the cache does not depend on pad token ids. A lookup refuses a student that scores a position the
+  cache did not store (e.g. padding on another side than at build time);
 - with ``hidden_layers=[...]``: ``hidden_<i>.npy`` (N, L, D) float32, the teacher's hidden state ``i`` (right-padded
   along L), for hidden-state matches (attention maps are not cached);
 - ``sample_hashes.npy``: (N,) int64 hash of each sample's teacher inputs, padding left out (:func:`sample_hashes`);
-- ``meta.json``, written last: the format version, number of samples, logits shape, ``top_k``, ``hidden_layers``
+- ``meta.json``, written last: the format version, number of samples, logits shape, ``top_k``, ``logits_mask``
+  (whether ``logits_mask.npy`` was written; absent in older caches: no), ``hidden_layers``
   and the teacher's number of hidden states, the teacher's fingerprint (SHA-256 of its weights), the pad id the
   inputs were hashed with, and for every ``.npy`` file its shape, dtype and SHA-256 checksum.
+
+Shapes. A lookup returns the cached rows cut to the student's sequence length (rows are right-padded to the longest
+sample) and refuses any other mismatch, naming both sides: another number of dimensions, a student sequence longer
+than the cached one, or another class count (e.g. a teacher vocabulary of ``V_t`` tokens against a student's
+``V_s``: the KD loss needs one shared vocabulary).
 
 Checks. Opening a cache (:class:`TeacherCache`) reads ``meta.json`` and, for every array it lists, the ``.npy``
 header: shape and dtype must be those recorded, the file size the one they imply (a truncated or empty file is
@@ -247,7 +261,8 @@ def _check_array(file: Path, record: Mapping[str, Any], num_samples: int) -> Non
 def _array_names(meta: Mapping[str, Any]) -> list[str]:
     """The ``.npy`` files a cache with this ``meta.json`` holds."""
     logits = ["logits.npy"] if meta["top_k"] is None else ["topk_logits.npy", "topk_indices.npy", "logsumexp.npy"]
-    return [*logits, *(f"hidden_{i}.npy" for i in meta["hidden_layers"]), "sample_hashes.npy"]
+    masks = ["logits_mask.npy"] if meta.get("logits_mask") else []
+    return [*logits, *masks, *(f"hidden_{i}.npy" for i in meta["hidden_layers"]), "sample_hashes.npy"]
 
 
 _META_KEYS = (
@@ -344,6 +359,9 @@ class TeacherCache:
             self.topk_logits = np.load(self.path / "topk_logits.npy", mmap_mode="r")  # (N, ..., k)
             self.topk_indices = np.load(self.path / "topk_indices.npy", mmap_mode="r")  # (N, ..., k)
             self.logsumexp = np.load(self.path / "logsumexp.npy", mmap_mode="r")  # (N, ...)
+        self.logits_mask = (  # (N, L) positions stored, for token logits with a mask
+            np.load(self.path / "logits_mask.npy", mmap_mode="r") if self.meta.get("logits_mask") else None
+        )
         self.hidden = {i: np.load(self.path / f"hidden_{i}.npy", mmap_mode="r") for i in self.hidden_layers}
         self.hashes = np.load(self.path / "sample_hashes.npy")  # (N,)
         if teacher is not None:
@@ -362,16 +380,30 @@ class TeacherCache:
                 "the cache is stale: rebuild it."
             )
 
-    def lookup(self, index: Tensor, batch: Mapping[str, Any], like: Tensor) -> Tensor:
-        """The cached teacher logits of a batch, checked against the batch's inputs.
+    def lookup(
+        self,
+        index: Tensor,
+        batch: Mapping[str, Any],
+        like: Tensor,
+        mask: Tensor | None = None,
+        classes: bool = True,
+    ) -> Tensor:
+        """The cached teacher logits of a batch, checked against the batch's inputs and the student's logits.
 
         Args:
             index: (B,) sample indices (``batch["index"]``).
             batch: The teacher's part of the batch (its inputs are hashed and compared with the cache).
-            like: The student's logits: the result is cut to their shape and put on their device.
+            like: The student's logits: the result is cut to their sequence length (the cached rows are right-padded)
+                and put on their device; every other dimension must be the cached one.
+            mask: The student's ``logits_mask`` (the positions it scores); with a cache that stored a
+                ``logits_mask.npy``, every position it holds True must have been stored. ``None``: not checked.
+            classes: Whether the last dimension of ``like`` is the classes (a vocabulary), which must equal the
+                cached one; False for binary logits, whose last dimension may be a sequence.
 
         Raises:
-            ValueError: If an index is out of range or a sample's inputs differ from those cached.
+            ValueError: If an index is out of range, a sample's inputs differ from those cached, the shapes or class
+                counts differ (e.g. teacher vocabulary ``V_t`` and student ``V_s``), or ``mask`` scores a position the
+                cache did not store.
         """
         idx = index.cpu().numpy()
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
@@ -393,8 +425,47 @@ class TeacherCache:
                 torch.from_numpy(np.ascontiguousarray(self.logsumexp[idx])),
                 int(self.meta["logits_shape"][-1]),
             )  # (B, ..., C)
+        self._check_like(rows, like, classes)
+        if mask is not None and self.logits_mask is not None and tuple(mask.shape) == tuple(like.shape[:-1]):
+            stored = torch.from_numpy(np.ascontiguousarray(self.logits_mask[idx]))  # (B, L_max)
+            stored = stored[:, : mask.shape[1]].to(mask.device)  # (B, L)
+            unstored = mask.bool() & ~stored  # (B, L)
+            if bool(unstored.any()):
+                row, pos = (int(i) for i in unstored.nonzero()[0])
+                raise ValueError(
+                    f"Expected the student to score only positions whose teacher logits the cache in {self.path} "
+                    f"stored but it scores position {pos} of sample {int(idx[row])}, which was padding or ignored "
+                    "(label -100) when the cache was built; pad the batches as at build time (same side) and use the "
+                    "same adaptor, or rebuild the cache."
+                )
         cut = rows[tuple(slice(0, n) for n in like.shape)]
         return cut.to(device=like.device, dtype=torch.float32)
+
+    def _check_like(self, rows: Tensor, like: Tensor, classes: bool) -> None:
+        """Refuse student logits ``like`` whose shape the cached ``rows`` cannot give by cutting sequence lengths."""
+        cached = tuple(rows.shape[1:])
+        if like.dim() != rows.dim() or like.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"Expected the student's logits to have the shape of the cached teacher logits ({rows.shape[0]}, "
+                f"*{cached}) (up to sequence lengths) but got {tuple(like.shape)}; the cache in {self.path} was built "
+                "for other outputs (another adaptor or model); rebuild it."
+            )
+        if classes and like.dim() >= 2 and like.shape[-1] != rows.shape[-1]:
+            raise ValueError(
+                f"Expected the student's logits to have the teacher's {rows.shape[-1]} classes (teacher vocabulary "
+                f"V_t={rows.shape[-1]}, cached in {self.path}) but got V_s={like.shape[-1]} (student logits "
+                f"{tuple(like.shape)}): the KD loss compares distributions over one shared vocabulary; give both "
+                "models the same tokenizer/vocabulary (or a student head of V_t classes)."
+            )
+        seq_dims = range(1, like.dim() - 1 if classes else like.dim())
+        longer = [d for d in seq_dims if like.shape[d] > rows.shape[d]]
+        if longer:
+            d = longer[0]
+            raise ValueError(
+                f"Expected the student's logits {tuple(like.shape)} to fit in the cached teacher logits "
+                f"{tuple(rows.shape)} but dimension {d} is longer ({like.shape[d]} > {rows.shape[d]}): the batch is "
+                f"longer than the samples cached in {self.path}; rebuild the cache from the same data and adaptor."
+            )
 
     def hidden_state(self, index: Tensor, layer: int, like: Tensor) -> Tensor:
         """The cached hidden state ``layer`` of a batch's samples (check the inputs with :meth:`lookup` first).
@@ -438,11 +509,14 @@ class TeacherCache:
                 every index must appear once).
             path: The cache folder. It is written beside, in a temporary folder, and moved into place when complete;
                 an existing cache there is replaced (a folder holding other files is refused).
-            adaptor: Reads the teacher's outputs (default :func:`~lit_kd.adaptors.default_adaptor`).
+            adaptor: Reads the teacher's outputs (default :func:`~lit_kd.adaptors.default_adaptor`); use the adaptor
+                the distillation uses for the teacher (e.g. :func:`~lit_kd.adaptors.causal_lm_adaptor`, whose shifted
+                (B, L-1, V) logits and ``logits_mask`` are what is stored).
             part: ``"teacher"`` when batches carry ``teacher``/``student`` parts.
             progress: Show a progress bar.
             top_k: Keep only the ``top_k`` largest logits of each row (plus the log-normaliser) instead of all
-                ``C`` of them (the last dimension must be the classes; ``1 <= top_k < C``); ``None`` keeps all.
+                ``C`` of them (the last dimension must be the classes; ``1 <= top_k < C``); ``None`` keeps all. For
+                (N, L, V) token logits this is per token: ``8 * top_k + 4`` bytes per position instead of ``4V``.
             hidden_layers: Also store these hidden states of the teacher (indices into its adaptor's
                 ``hidden_states``), for hidden-state matches.
             pad_token_id: The pad id of ``input_ids``, recorded in ``meta.json`` and used to hash batches that have
@@ -469,6 +543,7 @@ class TeacherCache:
         device = next(teacher.parameters()).device
         hidden_layers = sorted(set(int(i) for i in hidden_layers))
         rows: dict[int, np.ndarray] = {}
+        mask_rows: dict[int, np.ndarray] = {}  # (L,) positions stored, for token logits with a logits_mask
         hidden_rows: dict[int, dict[int, np.ndarray]] = {layer: {} for layer in hidden_layers}
         inputs_seen: list[dict[str, Any]] = []
         pad_ids: set[int] = set()
@@ -479,7 +554,18 @@ class TeacherCache:
             inputs = dict(batch[part]) if part else dict(batch)
             moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
             view = as_view(adaptor(moved, call_model(teacher, moved, output_hidden_states=bool(hidden_layers))))
-            logits = view.logits.float().cpu().numpy()
+            logits = view.logits.float()  # (B, ..., C)
+            masked = view.logits_mask is not None and logits.dim() >= 3
+            if masked:
+                if tuple(view.logits_mask.shape) != tuple(logits.shape[:-1]):
+                    raise ValueError(
+                        f"Expected the teacher's `logits_mask` to have the shape of its logits without the classes "
+                        f"{tuple(logits.shape[:-1])} but got {tuple(view.logits_mask.shape)}."
+                    )
+                keep = view.logits_mask.bool()  # (B, L)
+                logits = logits.masked_fill(~keep.unsqueeze(-1), 0.0)  # padding is not stored: zeros, any pad id
+                keep = keep.cpu().numpy()
+            logits = logits.cpu().numpy()
             if hidden_layers:
                 states = view.hidden_states or []
                 num_hidden_states = len(states)
@@ -494,6 +580,8 @@ class TeacherCache:
                 if i in rows:
                     raise ValueError(f"Expected every sample index once but got {i} twice.")
                 rows[i] = logits[row]
+                if masked:
+                    mask_rows[i] = keep[row]
             for layer in hidden_layers:
                 states = view.hidden_states[layer].float().cpu().numpy()  # (B, L, D)
                 for row, i in enumerate(index):
@@ -511,6 +599,11 @@ class TeacherCache:
         for seen in inputs_seen:
             hashes[seen["index"].cpu().numpy()] = sample_hashes(seen, pad_token_id)
         shape = _max_shape(rows)
+        if mask_rows and len(mask_rows) != n:
+            raise ValueError(
+                f"Expected the teacher's adaptor to give a `logits_mask` for every batch or for none but it gave one "
+                f"for {len(mask_rows)} of {n} samples."
+            )
         if top_k is not None and (not shape or not 1 <= top_k < shape[-1]):
             raise ValueError(
                 f"Expected `top_k` in [1, {shape[-1] if shape else 0}) (the teacher's classes, the logits' last "
@@ -521,6 +614,7 @@ class TeacherCache:
             "num_samples": n,
             "logits_shape": list(shape),
             "top_k": top_k,
+            "logits_mask": bool(mask_rows),
             "hidden_layers": hidden_layers,
             "num_hidden_states": num_hidden_states,
             "teacher_fingerprint": teacher_fingerprint(teacher),
@@ -546,6 +640,8 @@ class TeacherCache:
                 )
                 lse = {i: r.logsumexp(-1).numpy() for i, r in full.items()}
                 _write_padded(tmp / "logsumexp.npy", lse, shape[:-1], np.float32)
+            if mask_rows:
+                _write_padded(tmp / "logits_mask.npy", mask_rows, shape[:-1], np.bool_)
             for layer in hidden_layers:
                 states = hidden_rows[layer]
                 _write_padded(tmp / f"hidden_{layer}.npy", states, _max_shape(states), np.float32)
@@ -581,7 +677,15 @@ def _choose_pad_id(given: int | None, found: set[int], teacher: nn.Module) -> in
 
 def _cache_file(name: str) -> bool:
     """Whether a file name is one a cache folder holds."""
-    fixed = {"meta.json", "logits.npy", "topk_logits.npy", "topk_indices.npy", "logsumexp.npy", "sample_hashes.npy"}
+    fixed = {
+        "meta.json",
+        "logits.npy",
+        "topk_logits.npy",
+        "topk_indices.npy",
+        "logsumexp.npy",
+        "logits_mask.npy",
+        "sample_hashes.npy",
+    }
     return name in fixed or (name.startswith("hidden_") and name.endswith(".npy") and name[7:-4].isdigit())
 
 

@@ -41,7 +41,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lit_kd.adaptors import Inputs
+from lit_kd.adaptors import Inputs, TaskType
 from lit_kd.config import DistillationConfig
 from lit_kd.distiller import Distiller
 from lit_kd.features import FeatureCapture, submodule
@@ -75,6 +75,10 @@ class DistillationCallback(L.Callback):
         projection_lr: Learning rate of the projections' parameter group; ``None`` for the optimizer's. A match's
             ``projection_options`` give its projection a group of its own (they override this).
         optimizer_index: Which of your optimizers (``trainer.optimizers``) takes the projections.
+        task_type: What the logits predict, which picks the adaptor of a model whose adaptor is ``None``:
+            ``"sequence"`` (:func:`~lit_kd.adaptors.default_adaptor`), ``"causal_lm"`` (next-token logits shifted by
+            one, padding and label -100 masked out of the KD term: :func:`~lit_kd.adaptors.causal_lm_adaptor`) or
+            ``"token"`` (per-token logits without a shift: :func:`~lit_kd.adaptors.token_adaptor`).
 
     Raises:
         ValueError: If ``config.hard_label_weight`` is not 0 or an argument is out of range.
@@ -92,6 +96,7 @@ class DistillationCallback(L.Callback):
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         projection_lr: float | None = None,
         optimizer_index: int = 0,
+        task_type: TaskType = "sequence",
     ) -> None:
         super().__init__()
         if teacher is None:
@@ -114,6 +119,7 @@ class DistillationCallback(L.Callback):
             teacher_inputs=teacher_inputs,
             teacher_reduce=teacher_reduce,
             teacher_dtype=teacher_dtype,
+            task_type=task_type,
         )
         self.student_module = student_module
         self.projection_lr = projection_lr

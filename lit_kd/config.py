@@ -58,7 +58,7 @@ MatchLoss = Literal[
     "attention_ce_mean",
 ]
 ProjectionKind = Literal["linear", "relu", "tanh"]
-KDLossType = Literal["ce", "kl", "mse", "bce"]
+KDLossType = Literal["ce", "kl", "mse", "bce", "forward_kl", "reverse_kl", "jsd", "tvd"]
 HardLabelLoss = Literal["ce", "bce"]
 TemperatureScheduler = Literal["constant", "flsw", "cwsm"]
 WeightScheduler = Literal["constant", "linear_decay", "linear_growth", "first_stage", "second_stage"]
@@ -108,11 +108,36 @@ _TEXTBREWER_MATCH_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
     "attention_ce_mean": partial(losses.attention_ce_textbrewer, head_reduce="mean"),
 }
 
+
+def _lm_divergence_kd(
+    fn: Callable[..., Tensor],
+    logits_s: Tensor,
+    logits_t: Tensor,
+    temperature: float | Tensor,
+    mask: Tensor | None = None,
+    scale_by_temperature_squared: bool = False,
+    **options: Any,
+) -> Tensor:
+    """A token-level divergence of :mod:`lit_kd.losses` under the built-in KD signature.
+
+    ``scale_by_temperature_squared`` is ignored: these divergences follow TRL, which never multiplies by ``T**2``.
+    ``options`` are ``chunk_size`` and, for the JSD, ``beta``.
+    """
+    return fn(logits_s, logits_t, mask=mask, temperature=temperature, **options)
+
+
+# The token-level divergences for LM distillation (TRL's conventions: per token, summed over the vocabulary).
+LM_DIVERGENCE_LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
 _KD_LOSS_FNS: dict[str, Callable[..., Tensor]] = {
     "ce": losses.kd_ce,
     "kl": losses.kd_kl,
     "mse": losses.kd_mse,
     "bce": losses.kd_bce,
+    "forward_kl": partial(_lm_divergence_kd, losses.forward_kl),
+    "reverse_kl": partial(_lm_divergence_kd, losses.reverse_kl),
+    "jsd": partial(_lm_divergence_kd, losses.generalized_jsd),
+    "tvd": partial(_lm_divergence_kd, losses.total_variation),
 }
 
 
@@ -439,7 +464,16 @@ class DistillationConfig:
         kd_loss_type: Logits loss: ``"ce"`` (soft cross-entropy, TextBrewer's default), ``"kl"``, ``"mse"`` (on
             tempered logits) or ``"bce"`` (sigmoid outputs: binary or multi-label, e.g. knowledge tracing); or a
             user loss ``fn(logits_s, logits_t, temperature, mask)`` (a callable or a dotted import path; see
-            :mod:`lit_kd.config`).
+            :mod:`lit_kd.config`). For language models, the token-level divergences of TRL's GKD:
+            ``"forward_kl"`` (``KL(p_t || p_s)``), ``"reverse_kl"`` (``KL(p_s || p_t)``), ``"jsd"`` (the generalised
+            JSD, see ``jsd_beta``) and ``"tvd"`` (total variation), each summed over the vocabulary and averaged over
+            tokens (:func:`lit_kd.losses.generalized_jsd`); they are never scaled by ``T**2``, whatever
+            ``scale_by_temperature_squared`` says (TRL's convention).
+        jsd_beta: The teacher's weight ``beta`` in the mixture of ``kd_loss_type="jsd"``, in [0, 1]: 0 is exactly
+            the forward KL, 1 exactly the reverse KL (TRL's ``GKDConfig.beta``, default 0.5).
+        kd_chunk_size: With a token-level divergence (``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``):
+            compute the loss and its gradient this many tokens at a time, so that no (N, V) float32 copy of the
+            log-probabilities is held (same values); ``None`` (default) for all tokens at once; > 0.
         kd_loss_weight: Weight of the logits loss; >= 0.
         kd_loss_weight_scheduler: Schedules ``kd_loss_weight`` over training: ``"constant"``, ``"linear_decay"``
             (1 to 0) or ``"linear_growth"`` (0 to 1); see ``weight_schedule_mode``.
@@ -457,7 +491,8 @@ class DistillationConfig:
         scale_by_temperature_squared: Multiply the logits loss by ``T**2``. With soft targets at temperature ``T``
             the gradients scale as ``1 / T**2`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"),
             so the factor keeps the soft and hard terms balanced when ``T`` changes. TextBrewer does not scale; set
-            False to reproduce its numbers. With per-sample temperatures the factor is per sample too.
+            False to reproduce its numbers. With per-sample temperatures the factor is per sample too. Not applied
+            to the token-level divergences (``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"tvd"``).
         probability_shift: Knowledge adjustment (arXiv:1911.07471, TextBrewer's option): where the teacher is wrong,
             swap its top logit with the gold label's logit (:func:`lit_kd.losses.shift_probability`). Needs class
             labels, so not with ``kd_loss_type="bce"``. Positions with a negative label are left as they are.
@@ -484,6 +519,8 @@ class DistillationConfig:
     stage_boundary: float = 0.5
     flsw_eps: float | None = None
     projection_init: ProjectionInit = "pytorch"
+    jsd_beta: float = 0.5
+    kd_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -497,6 +534,16 @@ class DistillationConfig:
             raise ValueError(f"Expected `flsw_eps` to be None or > 0 but got {self.flsw_eps!r}.")
         for name in ("flsw_beta", "flsw_gamma", "cwsm_beta", "kd_loss_weight", "hard_label_weight"):
             _check_non_negative(name, getattr(self, name))
+        if isinstance(self.jsd_beta, bool) or not (isinstance(self.jsd_beta, int | float) and 0 <= self.jsd_beta <= 1):
+            raise ValueError(f"Expected `jsd_beta` to be in [0, 1] but got {self.jsd_beta!r}.")
+        if self.kd_chunk_size is not None and not (_is_index(self.kd_chunk_size) and self.kd_chunk_size > 0):
+            raise ValueError(f"Expected `kd_chunk_size` to be None or an integer > 0 but got {self.kd_chunk_size!r}.")
+        if self.kd_chunk_size is not None and self.kd_loss_type not in LM_DIVERGENCE_LOSSES:
+            raise ValueError(
+                "Expected `kd_chunk_size` to be None when `kd_loss_type` is not one of "
+                f"{_choices(LM_DIVERGENCE_LOSSES)} (only those are chunked) but got {self.kd_chunk_size!r} with "
+                f"{loss_name(self.kd_loss_type)!r}."
+            )
         self._user_kd_loss = resolve_loss(
             self.kd_loss_type,
             "kd_loss_type",
@@ -552,7 +599,18 @@ class DistillationConfig:
 
     def kd_loss_fn(self) -> Callable[..., Tensor]:
         """The logits loss: the user's, or :mod:`lit_kd.losses`' ``fn(logits_s, logits_t, T, mask, scale)``."""
-        return self._user_kd_loss if self._user_kd_loss is not None else _KD_LOSS_FNS[self.kd_loss_type]
+        if self._user_kd_loss is not None:
+            return self._user_kd_loss
+        if self.kd_loss_type in LM_DIVERGENCE_LOSSES:
+            return partial(_KD_LOSS_FNS[self.kd_loss_type], **self._divergence_options())
+        return _KD_LOSS_FNS[self.kd_loss_type]
+
+    def _divergence_options(self) -> dict[str, Any]:
+        """The options of a token-level divergence: ``chunk_size`` and, for the JSD, ``beta``."""
+        options: dict[str, Any] = {"chunk_size": self.kd_chunk_size}
+        if self.kd_loss_type == "jsd":
+            options["beta"] = self.jsd_beta
+        return options
 
     def kd_loss(self, logits_s: Tensor, logits_t: Tensor, temperature: Tensor, mask: Tensor | None) -> Tensor:
         """The logits loss on one batch.
@@ -565,13 +623,12 @@ class DistillationConfig:
             mask: Bool mask of that shape, or ``None``.
 
         Returns:
-            A scalar; built-in losses are scaled by ``T**2`` per item when ``scale_by_temperature_squared``.
+            A scalar; built-in losses but the token-level divergences are scaled by ``T**2`` per item when
+            ``scale_by_temperature_squared``.
         """
         fn = self._user_kd_loss
         if fn is None:
-            return _KD_LOSS_FNS[self.kd_loss_type](
-                logits_s, logits_t, temperature, mask, self.scale_by_temperature_squared
-            )
+            return self.kd_loss_fn()(logits_s, logits_t, temperature, mask, self.scale_by_temperature_squared)
         # One temperature per item with a trailing singleton: `logits / temperature` broadcasts correctly even when
         # the batch size equals the class count.
         t = temperature.unsqueeze(-1) if temperature.dim() == logits_s.dim() - 1 else temperature

@@ -33,6 +33,7 @@ Lightning's ``CombinedLoader({task: loader})`` gives it, ``{task: batch of that 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import is_dataclass, replace
 from typing import Any, Literal
@@ -41,7 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_kd.adaptors import Inputs, ModelView, as_view, call_model, check_inputs, default_adaptor, is_transformers_model
+from lit_kd.adaptors import (
+    TASK_ADAPTORS,
+    Inputs,
+    ModelView,
+    TaskType,
+    as_view,
+    call_model,
+    check_inputs,
+    check_task_type,
+    is_transformers_model,
+)
 from lit_kd.cache import TeacherCache
 from lit_kd.config import DistillationConfig, IntermediateMatch, loss_name
 from lit_kd.features import FeatureCapture
@@ -131,7 +142,7 @@ class Distiller(nn.Module):
             teacher: nothing to distil, e.g. a module loaded for inference).
         config: What to distil (losses, temperature, weights, intermediate matches); ``None`` for the defaults.
         teacher_adaptor: ``adaptor(batch, outputs) -> ModelView`` (or a mapping of its fields) for the teachers, or a
-            dict per task; ``None`` for :func:`~lit_kd.adaptors.default_adaptor`.
+            dict per task; ``None`` for the adaptor of ``task_type``.
         student_adaptor: The same for the student.
         teacher_inputs: Which batch entries feed the teachers' ``forward``: ``None`` (by parameter name), a key map
             ``{parameter: batch_key}`` or a function ``inputs(batch)`` (see :func:`~lit_kd.adaptors.call_model`).
@@ -143,6 +154,12 @@ class Distiller(nn.Module):
             cached hidden states) from instead of running it (one teacher; no attention or named-module matches).
         teacher_cache_verify: Check the cache files' SHA-256 checksums when the cache is opened (about 1 s per GB);
             False skips only that (shapes, dtypes and the teacher's fingerprint are always checked).
+        task_type: What the logits predict, which picks the adaptor of a model whose adaptor is ``None``:
+            ``"sequence"`` (one prediction per sample, or logits as they are: :func:`~lit_kd.adaptors.default_adaptor`),
+            ``"causal_lm"`` (next-token logits, shifted by one: :func:`~lit_kd.adaptors.causal_lm_adaptor`) or
+            ``"token"`` (per-token logits without a shift, masked LMs and token classification:
+            :func:`~lit_kd.adaptors.token_adaptor`). Token adaptors mask padding and label -100 out of the KD term
+            and the hard-label loss.
     """
 
     def __init__(
@@ -157,8 +174,11 @@ class Distiller(nn.Module):
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         teacher_cache: str | None = None,
         teacher_cache_verify: bool = True,
+        task_type: TaskType = "sequence",
     ) -> None:
         super().__init__()
+        check_task_type(task_type)
+        self.task_type = task_type
         if teacher_reduce not in ("logits", "probs"):
             raise ValueError(f"Expected `teacher_reduce` to be 'logits' or 'probs' but got {teacher_reduce!r}.")
         if teacher_dtype not in ("float32", "bfloat16"):
@@ -219,6 +239,7 @@ class Distiller(nn.Module):
             self._check_cache_covers_config(self.cache)
         self.checked_first_batch = False
         self._started_tasks: set[str] = set()
+        self._warned_unmasked = False
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Distiller:
@@ -320,7 +341,7 @@ class Distiller(nn.Module):
 
     def _adaptor(self, adaptors: dict[str, Callable | None], task: str) -> Callable:
         adaptor = adaptors.get(task, adaptors.get(DEFAULT_TASK))
-        return adaptor if adaptor is not None else default_adaptor
+        return adaptor if adaptor is not None else TASK_ADAPTORS[self.task_type]
 
     # ------------------------------------------------------------------ views
     def call_student(self, student: nn.Module, batch: Any) -> tuple[Any, dict[str, Tensor] | None]:
@@ -460,8 +481,8 @@ class Distiller(nn.Module):
         else:
             per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
             per = per.reshape(view.labels.shape)
-        mask = mask.to(per.dtype)
-        return (per * mask).sum() / mask.sum().clamp_min(1.0)
+        # torch.where rather than a product: a padded position's logits may be inf/nan, and nan * 0 = nan.
+        return torch.where(mask, per, 0.0).sum() / mask.sum().clamp_min(1).to(per.dtype)
 
     def match_loss(self, match: IntermediateMatch, s_view: ModelView, t_view: ModelView) -> Tensor:
         """One intermediate match's loss (the student's features projected when the match has a projection)."""
@@ -494,7 +515,27 @@ class Distiller(nn.Module):
         (e.g. between headless encoders whose adaptors give other widths as ``logits``) does not read the teacher's
         logits. A teacher view with its own ``logits_mask`` needs only the same class dimension (its positions are
         counted at every step).
+
+        Warns (a ``UserWarning``, once) when the student's logits are (B, L, C) and come without a ``logits_mask``:
+        every position, padding included, then counts in the KD term.
         """
+        if (
+            self.config.kd_loss_weight > 0
+            and not self.config.binary
+            and s_view.logits.dim() == 3
+            and s_view.logits_mask is None
+            and not self._warned_unmasked
+        ):
+            self._warned_unmasked = True
+            warnings.warn(
+                f"Got (B, L, C) student logits of shape {tuple(s_view.logits.shape)} without a `logits_mask`: every "
+                "position, padding included, counts in the KD loss. For token-level models set "
+                "`task_type='causal_lm'` or `'token'` (or the adaptors `lit_kd.adaptors.causal_lm_adaptor` / "
+                "`token_adaptor`), give the batch an `attention_mask` or `labels` with -100 at ignored positions, or "
+                "give the view a `logits_mask`.",
+                UserWarning,
+                stacklevel=3,
+            )
         for i, t_view in enumerate(t_views if self.config.kd_loss_weight > 0 else []):
             if t_view.logits_mask is not None and not _same_mask(t_view.logits_mask, s_view.logits_mask):
                 if not self.config.binary and t_view.logits.shape[-1] != s_view.logits.shape[-1]:
@@ -576,7 +617,9 @@ class Distiller(nn.Module):
     def _cached_view(self, batch: Any, t_batch: Any, s_view: ModelView) -> ModelView:
         """The teacher's view of a batch from the cache: logits, and the hidden states the matches read."""
         index = self._index(batch)
-        logits = self.cache.lookup(index, t_batch, like=s_view.logits)  # also checks the inputs
+        logits = self.cache.lookup(  # also checks the inputs, the shapes and the class count
+            index, t_batch, like=s_view.logits, mask=s_view.logits_mask, classes=not self.config.binary
+        )
         layers = self.teacher_layers["hidden"]
         if not layers:
             return ModelView(logits=logits)

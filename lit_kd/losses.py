@@ -17,6 +17,7 @@ Symbols: ``z`` logits, ``T`` temperature, ``p = softmax(z / T)`` over the class 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -662,3 +663,426 @@ mmd = nst
 
 gram = fsp
 """Alias of :func:`fsp` (TextBrewer's ``"gram"`` name for the same loss)."""
+
+
+# ------------------------------------------------------------------------------- token-level LM divergences (TRL)
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
+"""The names of the token-level divergences (:func:`per_token_divergence`)."""
+
+
+def _choices(options: tuple[str, ...]) -> str:
+    return ", ".join(repr(o) for o in options)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a divergence is computed in: float32 for half and bfloat16 inputs (their softmax loses too much),
+    the input's own dtype otherwise (float64 stays float64 for gradcheck)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q)`` summed over the last dimension, from log-probabilities (..., V) -> (...)."""
+    # F.kl_div(input, target) is KL(target || input): the arguments are swapped on purpose.
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+
+
+def check_divergence_args(divergence: str, beta: float, temperature: float | Tensor, chunk_size: int | None) -> None:
+    """Check the scalar arguments shared by the token-level divergences, with errors naming the argument.
+
+    Raises:
+        ValueError: For an unknown ``divergence``, ``beta`` outside [0, 1], a float ``temperature`` <= 0 or a
+            ``chunk_size`` that is not a positive integer (or ``None``).
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"Expected `divergence` to be one of {_choices(DIVERGENCES)} but got {divergence!r}.")
+    if isinstance(beta, bool) or not (isinstance(beta, int | float) and 0 <= beta <= 1):
+        raise ValueError(f"Expected `beta` to be a float in [0, 1] but got {beta!r}.")
+    if not isinstance(temperature, Tensor) and not temperature > 0:
+        raise ValueError(f"Expected `temperature` to be > 0 but got {temperature!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"Expected `chunk_size` to be None or an integer > 0 but got {chunk_size!r}.")
+
+
+def per_token_divergence(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    divergence: Divergence = "jsd",
+    beta: float = 0.5,
+    temperature: float | Tensor = 1.0,
+) -> Tensor:
+    """One divergence per token between ``P_s = softmax(z_s / T)`` and ``P_t = softmax(z_t / T)``, summed over
+    the vocabulary (no mask, no mean, no upcast: the building block of the losses below and of
+    :func:`lit_kd.fused.fused_linear_divergence`).
+
+    * ``"forward_kl"``: ``KL(P_t || P_s) = sum_v P_t (log P_t - log P_s)``.
+    * ``"reverse_kl"``: ``KL(P_s || P_t)``.
+    * ``"jsd"``: TRL's generalised Jensen-Shannon divergence ``beta * KL(P_t || M) + (1 - beta) * KL(P_s || M)``
+      with ``M = beta * P_t + (1 - beta) * P_s``, ``log M`` computed as ``logaddexp(log P_t + log beta,
+      log P_s + log(1 - beta))`` (no probability is exponentiated to form it). ``beta = 0`` is ``"forward_kl"`` and
+      ``beta = 1`` ``"reverse_kl"``, exactly, as in TRL: the mixture formula itself tends to 0 at both ends, so the
+      value jumps there.
+    * ``"tvd"``: total variation ``0.5 * sum_v |P_t - P_s|``, in [0, 1].
+
+    Args:
+        logits_s: Student logits, (..., V).
+        logits_t: Teacher logits, same shape; finite (a ``-inf`` logit gives ``nan`` in the KL terms, as in TRL).
+        divergence: One of :data:`DIVERGENCES`.
+        beta: The JSD's mixture weight of the teacher, in [0, 1]; ignored by the other divergences.
+        temperature: A float, or a tensor that broadcasts against the logits (e.g. (..., 1)).
+
+    Returns:
+        (...): the logits' shape without the vocabulary dimension, in the logits' dtype.
+    """
+    log_p_s, log_p_t = _log_probs(logits_s, logits_t, temperature)  # (..., V) each
+    return _divergence_from_log_probs(log_p_s, log_p_t, divergence, beta)
+
+
+def per_token_divergence_grad(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    divergence: Divergence = "jsd",
+    beta: float = 0.5,
+    temperature: float | Tensor = 1.0,
+) -> Tensor:
+    """The gradient of :func:`per_token_divergence` with respect to ``logits_s``, in closed form (no autograd graph,
+    for the chunked and fused paths): row ``n`` holds ``d divergence[n] / d logits_s[n]``.
+
+    With ``P = P_s``, a loss ``l(P)`` has ``dl/dz = P * (u - sum_v P u) / T`` where ``u = dl/dP`` up to a constant:
+
+    * ``"forward_kl"``: ``u = -P_t / P_s``, so ``dl/dz = (P_s - P_t) / T``;
+    * ``"reverse_kl"``: ``u = log P_s - log P_t``;
+    * ``"jsd"``: ``u = (1 - beta) (log P_s - log M)`` (the terms through ``M`` cancel);
+    * ``"tvd"``: ``u = 0.5 * sign(P_s - P_t)`` (0 where they are equal, as autograd's ``abs``).
+
+    Args:
+        logits_s: Student logits, (..., V).
+        logits_t: Teacher logits, same shape.
+        divergence: One of :data:`DIVERGENCES`.
+        beta: The JSD's mixture weight of the teacher, in [0, 1].
+        temperature: A float, or a tensor that broadcasts against the logits (e.g. (..., 1)).
+
+    Returns:
+        (..., V), the logits' shape and dtype.
+    """
+    log_p_s, log_p_t = _log_probs(logits_s, logits_t, temperature)  # (..., V) each
+    return _grad_from_log_probs(log_p_s, log_p_t, divergence, beta, temperature)
+
+
+def _log_probs(logits_s: Tensor, logits_t: Tensor, temperature: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``log softmax(z / T)`` of both models, (..., V) each."""
+    if not isinstance(temperature, Tensor) and temperature == 1:
+        return F.log_softmax(logits_s, dim=-1), F.log_softmax(logits_t, dim=-1)  # no (..., V) copy for z / 1
+    return F.log_softmax(logits_s / temperature, dim=-1), F.log_softmax(logits_t / temperature, dim=-1)
+
+
+def _log_mixture(log_p_s: Tensor, log_p_t: Tensor, beta: float) -> Tensor:
+    """``log M = log(beta * P_t + (1 - beta) * P_s)`` for 0 < beta < 1, (..., V), without forming ``M``."""
+    # logaddexp is elementwise: unlike TRL's logsumexp over a stack it holds no (2, ..., V) copy.
+    if torch.is_grad_enabled() and (log_p_s.requires_grad or log_p_t.requires_grad):
+        return torch.logaddexp(log_p_t + math.log(beta), log_p_s + math.log1p(-beta))
+    # Without autograd (the chunked and fused paths) the result overwrites its first operand: one (..., V) fewer.
+    log_m = log_p_t + math.log(beta)  # (..., V)
+    return torch.logaddexp(log_m, log_p_s + math.log1p(-beta), out=log_m)
+
+
+def _ends(divergence: str, beta: float) -> str:
+    """The divergence actually computed: the JSD's ends are the two KLs (TRL's special cases); checks the name."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"Expected `divergence` to be one of {_choices(DIVERGENCES)} but got {divergence!r}.")
+    if divergence == "jsd" and beta in (0, 1):
+        return "forward_kl" if beta == 0 else "reverse_kl"
+    return divergence
+
+
+def _divergence_from_log_probs(
+    log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float, log_m: Tensor | None = None
+) -> Tensor:
+    """:func:`per_token_divergence` from the two models' log-probabilities (..., V) -> (...); ``log_m``, the JSD's
+    :func:`_log_mixture` when the caller already has it."""
+    divergence = _ends(divergence, beta)
+    if divergence == "tvd":
+        return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(dim=-1)
+    if divergence == "forward_kl":
+        return _kl_rows(log_p_t, log_p_s)
+    if divergence == "reverse_kl":
+        return _kl_rows(log_p_s, log_p_t)
+    log_m = _log_mixture(log_p_s, log_p_t, beta) if log_m is None else log_m  # (..., V)
+    return beta * _kl_rows(log_p_t, log_m) + (1 - beta) * _kl_rows(log_p_s, log_m)
+
+
+def _grad_from_log_probs(
+    log_p_s: Tensor,
+    log_p_t: Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float | Tensor,
+    log_m: Tensor | None = None,
+) -> Tensor:
+    """:func:`per_token_divergence_grad` from the log-probabilities (..., V) (and the JSD's ``log_m``, if known); the
+    inputs are not modified."""
+    divergence = _ends(divergence, beta)
+    p_s = log_p_s.exp()  # (..., V)
+    if divergence == "forward_kl":
+        return p_s.sub_(log_p_t.exp()).div_(temperature)
+    if divergence == "reverse_kl":
+        u = log_p_s - log_p_t  # (..., V)
+    elif divergence == "jsd":
+        log_m = _log_mixture(log_p_s, log_p_t, beta) if log_m is None else log_m  # (..., V)
+        u = (log_p_s - log_m).mul_(1 - beta)  # (..., V)
+    else:
+        u = torch.sign(p_s - log_p_t.exp()).mul_(0.5)  # (..., V)
+    # (..., 1): the P_s-weighted mean of u. A product then a sum, not a batched matmul: the sum's pairwise
+    # reduction keeps float32 gradients within ~5e-5 of float64 where a (1, V) @ (V, 1) matmul drifted to 3e-4.
+    centre = (p_s * u).sum(dim=-1, keepdim=True)
+    return u.sub_(centre).mul_(p_s).div_(temperature)
+
+
+def _token_temperature(temperature: float | Tensor, logits: Tensor) -> float | Tensor:
+    """A float, or per-token temperatures reshaped to broadcast against (..., V) logits as (..., 1).
+
+    Accepted tensors: a 0-d tensor, the leading part of the logits' shape ((N,) for (N, V); (B,) or (B, L) for
+    (B, L, V)), or that shape with a trailing 1 ((N, 1), (B, L, 1): the user KD losses' convention).
+    """
+    if isinstance(temperature, Tensor) and temperature.dim() == logits.dim() > 1 and temperature.shape[-1] == 1:
+        temperature = temperature.squeeze(-1)
+    return _broadcast_temperature(temperature, logits, logits.dim() - 1)
+
+
+def _row_temperature(temperature: float | Tensor, logits: Tensor) -> float | Tensor:
+    """:func:`_token_temperature` flattened to one row per token: a float, or (N, 1) for the N = numel / V tokens."""
+    t = _token_temperature(temperature, logits)
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return t
+    return t.expand(*logits.shape[:-1], 1).reshape(-1, 1).detach()  # (N, 1): temperatures get no gradient here
+
+
+def _valid_rows(mask: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """The indices of the rows that count, (N_valid,): every row without a mask (one host sync with one)."""
+    if mask is None:
+        return torch.arange(n, device=device)
+    return mask.reshape(-1).nonzero().squeeze(-1)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """A token-level divergence, mean over the given rows, computed ``chunk_size`` rows at a time.
+
+    Forward keeps no (N, V) intermediate: each chunk is upcast, its per-row divergences summed, then freed. Backward
+    recomputes each chunk's log-probabilities from the saved inputs and writes its closed-form gradient
+    (:func:`per_token_divergence_grad`, no autograd graph) into one preallocated (N, V) tensor in the inputs' dtype
+    (the gradient autograd needs anyway), so the peak holds one chunk's float32 intermediates on top of the inputs and
+    that gradient. Storing the gradient from the forward pass instead would save the recomputation but not memory,
+    and scaling it by the incoming gradient would then need a second (N, V) tensor. The teacher's gradient (only
+    when its logits require one) uses the symmetries ``forward_kl(s, t) = reverse_kl(t, s)``,
+    ``jsd(s, t, beta) = jsd(t, s, 1 - beta)`` and ``tvd(s, t) = tvd(t, s)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        logits_s: Tensor,
+        logits_t: Tensor,
+        rows: Tensor,
+        temperature: Tensor | None,
+        scalar_temperature: float,
+        divergence: str,
+        beta: float,
+        chunk_size: int,
+    ) -> Tensor:
+        # logits_s, logits_t: (N, V); rows: (N_valid,) indices of the rows that count; temperature: (N, 1) or None.
+        dtype = compute_dtype(logits_s.dtype)
+        total = logits_s.new_zeros((), dtype=dtype)
+        for idx in rows.split(chunk_size):  # (c,) row indices, c <= chunk_size
+            z_s = logits_s.index_select(0, idx).to(dtype)  # (c, V)
+            z_t = logits_t.index_select(0, idx).to(dtype)  # (c, V)
+            t = scalar_temperature if temperature is None else temperature.index_select(0, idx).to(dtype)  # (c, 1)
+            total = total + per_token_divergence(z_s, z_t, divergence, beta, t).sum()
+            del z_s, z_t  # freed before the next chunk's copies are made
+        ctx.save_for_backward(logits_s, logits_t, rows, temperature)
+        ctx.settings = (scalar_temperature, divergence, beta, chunk_size)
+        return total / max(rows.numel(), 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        logits_s, logits_t, rows, temperature = ctx.saved_tensors
+        scalar_temperature, divergence, beta, chunk_size = ctx.settings
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = compute_dtype(logits_s.dtype)
+        # Masked rows keep a zero gradient: only the valid rows are written (all of them without a mask, then the
+        # zero fill, one pass over (N, V), is skipped).
+        new = torch.empty_like if rows.numel() == logits_s.shape[0] else torch.zeros_like
+        grad_s = new(logits_s) if need_s else None  # (N, V)
+        grad_t = new(logits_t) if need_t else None  # (N, V)
+        scale = grad_out.to(dtype) / max(rows.numel(), 1)  # d loss / d per-row divergence
+        swapped = {"forward_kl": "reverse_kl", "reverse_kl": "forward_kl"}.get(divergence, divergence)
+        for idx in rows.split(chunk_size):  # (c,) row indices, c <= chunk_size
+            z_s = logits_s.index_select(0, idx).to(dtype)  # (c, V)
+            z_t = logits_t.index_select(0, idx).to(dtype)  # (c, V)
+            t = scalar_temperature if temperature is None else temperature.index_select(0, idx).to(dtype)  # (c, 1)
+            log_p_s, log_p_t = _log_probs(z_s, z_t, t)  # (c, V) each
+            del z_s, z_t  # one chunk's copies fewer at the peak
+            if need_s:
+                g_s = _grad_from_log_probs(log_p_s, log_p_t, divergence, beta, t).mul_(scale)  # (c, V)
+                grad_s.index_copy_(0, idx, g_s.to(grad_s.dtype))
+                del g_s
+            if need_t:
+                g_t = _grad_from_log_probs(log_p_t, log_p_s, swapped, 1 - beta, t).mul_(scale)  # (c, V)
+                grad_t.index_copy_(0, idx, g_t.to(grad_t.dtype))
+                del g_t
+            del log_p_s, log_p_t  # freed before the next chunk's are made
+        return grad_s, grad_t, None, None, None, None, None, None
+
+
+def _lm_divergence(
+    divergence: str,
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mask: Tensor | None,
+    beta: float,
+    temperature: float | Tensor,
+    chunk_size: int | None,
+) -> Tensor:
+    """Check the inputs, then the mean of :func:`per_token_divergence` over the valid tokens, whole or chunked."""
+    check_divergence_args(divergence, beta, temperature, chunk_size)
+    mask = _check_class_logits(logits_s, logits_t, mask)
+    if chunk_size is None:
+        dtype = compute_dtype(logits_s.dtype)
+        t = _token_temperature(temperature, logits_s)
+        t = t.to(dtype) if isinstance(t, Tensor) else t
+        per_token = per_token_divergence(logits_s.to(dtype), logits_t.to(dtype), divergence, beta, t)  # (...)
+        return _masked_mean(per_token, mask)
+    vocab = logits_s.shape[-1]
+    t = _row_temperature(temperature, logits_s)
+    tensor_t = t if isinstance(t, Tensor) and t.dim() > 0 else None
+    scalar_t = float(t) if tensor_t is None else 1.0
+    rows = _valid_rows(mask, logits_s.numel() // max(vocab, 1), logits_s.device)  # (N_valid,)
+    return _ChunkedDivergence.apply(
+        logits_s.reshape(-1, vocab), logits_t.reshape(-1, vocab), rows, tensor_t, scalar_t, divergence, beta, chunk_size
+    )
+
+
+def generalized_jsd(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float | Tensor = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """TRL's generalised Jensen-Shannon divergence for token-level LM distillation (GKD, arXiv:2306.13649).
+
+    ``loss = mean_{valid tokens} beta * KL(P_t || M) + (1 - beta) * KL(P_s || M)``, ``M = beta * P_t + (1 - beta) *
+    P_s``, ``P = softmax(z / T)``; ``beta = 0`` is exactly :func:`forward_kl`, ``beta = 1`` exactly
+    :func:`reverse_kl` (see :func:`per_token_divergence`).
+
+    With a mask it equals TRL's ``GKDTrainer.generalized_jsd_loss(logits_s, logits_t, labels, beta, temperature)``
+    where ``labels == -100`` exactly where the mask is False (TRL sums the kept tokens' divergences and divides by
+    their count). Without labels TRL's default ``"batchmean"`` divides the sum by the first dimension: the same for
+    (N, V) logits, but the batch size B, not B * L, for (B, L, V) logits; this function always takes the mean over
+    tokens.
+
+    Args:
+        logits_s: Student logits, (B, L, V) or (N, V).
+        logits_t: Teacher logits, same shape.
+        mask: Which tokens count: (B, L) or (N,), True where a token counts (TRL's ``labels != -100``); ``None``
+            for all.
+        beta: The mixture weight of the teacher, in [0, 1].
+        temperature: A float, or per-token temperatures: (N,) or (N, 1) for (N, V) logits; (B,), (B, L) or
+            (B, L, 1) for (B, L, V) logits. The chunked path gives a tensor temperature no gradient.
+        chunk_size: ``None`` computes every token at once; an integer computes the loss and its gradient that many
+            tokens at a time, with the same value and gradients (see :class:`_ChunkedDivergence`).
+
+    Returns:
+        A scalar: the mean over valid tokens of the divergence summed over the vocabulary; 0 (with a gradient path)
+        when no token is valid. Never scaled by ``T**2`` (TRL's convention).
+    """
+    return _lm_divergence("jsd", logits_s, logits_t, mask, beta, temperature, chunk_size)
+
+
+def forward_kl(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mask: Tensor | None = None,
+    temperature: float | Tensor = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Forward KL ``KL(P_t || P_s)`` per token (mean-seeking), TRL's ``generalized_jsd_loss`` with ``beta=0``.
+
+    ``loss = mean_{valid tokens} sum_v P_t[v] (log P_t[v] - log P_s[v])``. Equal to :func:`kd_kl` on the same
+    inputs; this one can be chunked.
+
+
+    Args:
+        logits_s: Student logits, (B, L, V) or (N, V).
+        logits_t: Teacher logits, same shape.
+        mask: Which tokens count: (B, L) or (N,), True where a token counts (TRL's ``labels != -100``); ``None``
+            for all.
+        temperature: A float, or per-token temperatures: (N,) or (N, 1) for (N, V) logits; (B,), (B, L) or
+            (B, L, 1) for (B, L, V) logits. The chunked path gives a tensor temperature no gradient.
+        chunk_size: ``None`` computes every token at once; an integer computes the loss and its gradient that many
+            tokens at a time, with the same value and gradients (see :class:`_ChunkedDivergence`).
+
+    Returns:
+        A scalar: the mean over valid tokens of the divergence summed over the vocabulary; 0 (with a gradient path)
+        when no token is valid. Never scaled by ``T**2`` (TRL's convention).
+    """
+    return _lm_divergence("forward_kl", logits_s, logits_t, mask, 0.0, temperature, chunk_size)
+
+
+def reverse_kl(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mask: Tensor | None = None,
+    temperature: float | Tensor = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Reverse KL ``KL(P_s || P_t)`` per token (mode-seeking), TRL's ``generalized_jsd_loss`` with ``beta=1``.
+
+    ``loss = mean_{valid tokens} sum_v P_s[v] (log P_s[v] - log P_t[v])``.
+
+
+    Args:
+        logits_s: Student logits, (B, L, V) or (N, V).
+        logits_t: Teacher logits, same shape.
+        mask: Which tokens count: (B, L) or (N,), True where a token counts (TRL's ``labels != -100``); ``None``
+            for all.
+        temperature: A float, or per-token temperatures: (N,) or (N, 1) for (N, V) logits; (B,), (B, L) or
+            (B, L, 1) for (B, L, V) logits. The chunked path gives a tensor temperature no gradient.
+        chunk_size: ``None`` computes every token at once; an integer computes the loss and its gradient that many
+            tokens at a time, with the same value and gradients (see :class:`_ChunkedDivergence`).
+
+    Returns:
+        A scalar: the mean over valid tokens of the divergence summed over the vocabulary; 0 (with a gradient path)
+        when no token is valid. Never scaled by ``T**2`` (TRL's convention).
+    """
+    return _lm_divergence("reverse_kl", logits_s, logits_t, mask, 1.0, temperature, chunk_size)
+
+
+def total_variation(
+    logits_s: Tensor,
+    logits_t: Tensor,
+    mask: Tensor | None = None,
+    temperature: float | Tensor = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Total variation distance per token, in [0, 1].
+
+    ``loss = mean_{valid tokens} 0.5 * sum_v |P_t[v] - P_s[v]|``.
+
+
+    Args:
+        logits_s: Student logits, (B, L, V) or (N, V).
+        logits_t: Teacher logits, same shape.
+        mask: Which tokens count: (B, L) or (N,), True where a token counts (TRL's ``labels != -100``); ``None``
+            for all.
+        temperature: A float, or per-token temperatures: (N,) or (N, 1) for (N, V) logits; (B,), (B, L) or
+            (B, L, 1) for (B, L, V) logits. The chunked path gives a tensor temperature no gradient.
+        chunk_size: ``None`` computes every token at once; an integer computes the loss and its gradient that many
+            tokens at a time, with the same value and gradients (see :class:`_ChunkedDivergence`).
+
+    Returns:
+        A scalar: the mean over valid tokens of the divergence summed over the vocabulary; 0 (with a gradient path)
+        when no token is valid. Never scaled by ``T**2`` (TRL's convention).
+    """
+    return _lm_divergence("tvd", logits_s, logits_t, mask, 0.5, temperature, chunk_size)

@@ -66,6 +66,20 @@ Different inputs for teacher and student (e.g. different tokenizers): a batch ma
 parts; each model is called with its part (top-level ``labels``/``task`` are shared). Which entries feed which
 ``forward`` argument: by name by default, or ``teacher_inputs``/``student_inputs`` (a key map or a function).
 
+Token-level tasks: ``task_type="causal_lm"`` (decoder LMs: the logits at position ``t`` predict token ``t + 1``) or
+``"token"`` (masked LMs, token classification: no shift) reads both models with
+:func:`~lit_kd.adaptors.causal_lm_adaptor` / :func:`~lit_kd.adaptors.token_adaptor` (unless an adaptor is given).
+Only the positions whose label is not -100 and whose tokens are real (``attention_mask``) count, whatever the pad
+token ids: in the KD term, in the hard-label loss (cross-entropy over those positions) and in the metrics, logged as
+``val/ppl`` (``torchmetrics.text.Perplexity``) and ``val/acc`` (micro accuracy over the vocabulary: next-token
+accuracy for a causal LM), and ``test/...``. A (B, L, C) student logits tensor without a ``logits_mask`` makes a
+``UserWarning`` (every position would count). In YAML::
+
+    model:
+      class_path: lit_kd.DistillationModule
+      init_args:
+        task_type: causal_lm              # or token; adaptors may still be given: lit_kd.adaptors.causal_lm_adaptor
+
 Inference: ``teacher`` may be ``None`` (``DistillationModule.load_from_checkpoint(ckpt, student=MyStudent())``
 needs no teacher); only training needs one. For the student alone, ``lit_kd.export.load_student(ckpt)`` rebuilds
 a ``transformers`` student from the checkpoint itself (or loads the weights into yours), reading no teacher.
@@ -74,6 +88,7 @@ a ``transformers`` student from the checkpoint itself (or loads the weights into
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -84,8 +99,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
+from torchmetrics.text import Perplexity
 
-from lit_kd.adaptors import Inputs, ModelView, model_num_labels
+from lit_kd.adaptors import IGNORE_INDEX, Inputs, ModelView, TaskType, check_task_type, model_num_labels
 from lit_kd.config import DistillationConfig
 from lit_kd.distiller import DEFAULT_TASK, Distiller, batch_task, split_tasks
 from lit_kd.export import STUDENT_RECORD_KEY, save_model, student_record
@@ -99,10 +115,24 @@ def training_progress(trainer: L.Trainer | None, global_step: int) -> float:
     return min(1.0, global_step / total) if total and total != float("inf") else 0.0
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    """The class count of a token-level model's logits: its output embeddings' size (a language model's vocabulary,
+    ``get_output_embeddings()`` of ``transformers``), else its ``num_labels`` (token classification)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return model_num_labels(model)
+
+
 def _metric_plan(
-    teacher_tasks: list[str], metric_task: Any, num_labels: Any, student: nn.Module
+    teacher_tasks: list[str], metric_task: Any, num_labels: Any, student: nn.Module, task_type: str = "sequence"
 ) -> dict[str, tuple[str, int | None]]:
-    """``{task: (metric_task, num_labels)}`` of every task with metrics (see ``DistillationModule``'s arguments)."""
+    """``{task: (metric kind, num_labels)}`` of every task with metrics (see ``DistillationModule``'s arguments); the
+    kind is ``metric_task``, or ``"token"`` (perplexity and accuracy over scored tokens) for token ``task_type``s."""
     named = (("metric_task", metric_task), ("num_labels", num_labels))
     dicts = {arg: value for arg, value in named if isinstance(value, Mapping)}
     tasks = teacher_tasks or list(dict.fromkeys(task for value in dicts.values() for task in value)) or [DEFAULT_TASK]
@@ -121,6 +151,21 @@ def _metric_plan(
             arg = f"metric_task[{task!r}]" if by_task else "metric_task"
             raise ValueError(f"Expected `{arg}` to be 'multiclass' or 'binary' but got {kind!r}.")
         n = num_labels.get(task) if isinstance(num_labels, Mapping) else num_labels
+        if task_type != "sequence":
+            if kind != "multiclass":
+                raise ValueError(
+                    f"Expected `metric_task` to be 'multiclass' with task_type={task_type!r} (token metrics: "
+                    f"perplexity and accuracy over the vocabulary) but got {kind!r}."
+                )
+            n = n if n is not None else _vocab_size(student)
+            if n is None:
+                raise ValueError(
+                    f"Expected `num_labels` (the vocabulary size V of the token metrics, task_type={task_type!r}) but "
+                    f"got None and the student does not say it ({type(student).__name__} has no output embeddings, "
+                    "`config.num_labels` or `num_labels`)."
+                )
+            plan[task] = ("token", n)
+            continue
         if kind == "multiclass" and n is None:
             if isinstance(num_labels, Mapping):
                 raise ValueError(
@@ -139,7 +184,16 @@ def _metric_plan(
 
 def _metrics(kind: str, num_labels: int | None, stage: str, task: str) -> MetricCollection:
     """One stage's metric collection for one task, prefixed ``<stage>/`` (default task) or ``<stage>/<task>/``."""
-    if kind == "multiclass":
+    if kind == "token":
+        # Updated one by one (perplexity reads (B, L, V), accuracy (N, V)), so no compute groups.
+        metrics = MetricCollection(
+            {
+                "ppl": Perplexity(ignore_index=IGNORE_INDEX),
+                "acc": MulticlassAccuracy(num_classes=num_labels, ignore_index=IGNORE_INDEX, average="micro"),
+            },
+            compute_groups=False,
+        )
+    elif kind == "multiclass":
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes=num_labels, average="micro")})
     else:
         metrics = MetricCollection({"auc": BinaryAUROC(), "acc": BinaryAccuracy()})
@@ -189,6 +243,13 @@ class DistillationModule(L.LightningModule):
         eval_tasks: The task of each validation/test loader, by ``dataloader_idx`` (``["a", "b"]`` for
             ``val_dataloaders=[loader_a, loader_b]``); ``None`` to take it from ``batch["task"]``, from the key of a
             dict of loaders, or as the only task (see "Metrics of several tasks" in this module's docstring).
+        task_type: What the logits predict (see "Token-level tasks" in this module's docstring): ``"sequence"``
+            (one prediction per sample: :func:`~lit_kd.adaptors.default_adaptor`, ``metric_task`` metrics),
+            ``"causal_lm"`` (next-token logits: :func:`~lit_kd.adaptors.causal_lm_adaptor` shifts them by one) or
+            ``"token"`` (masked LMs, token classification: :func:`~lit_kd.adaptors.token_adaptor`). It picks the
+            adaptor of each model whose adaptor is ``None``; for the token types the metrics are ``ppl`` and ``acc``
+            over the scored positions (``num_labels``: the vocabulary size, by default the student's). In YAML:
+            ``task_type: causal_lm``.
 
     Raises:
         ValueError: If ``num_labels`` is None for ``"multiclass"`` metrics and the student does not say its class
@@ -218,16 +279,25 @@ class DistillationModule(L.LightningModule):
         lr_scheduler_interval: Literal["step", "epoch"] = "step",
         eval_tasks: list[str] | None = None,
         teacher_cache_verify: bool = True,
+        task_type: TaskType = "sequence",
     ) -> None:
         super().__init__()
         if student is None:
             raise ValueError("Expected `student` to be an nn.Module (the model that trains) but got None.")
+        check_task_type(task_type)
+        if task_type == "sequence" and type(student).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            warnings.warn(
+                f"The student {type(student).__name__} looks like a causal language model but task_type='sequence': "
+                "its logits are not shifted and padding may count in the metrics; pass task_type='causal_lm'.",
+                UserWarning,
+                stacklevel=2,
+            )
         if lr_scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"Expected `lr_scheduler_interval` to be 'step' or 'epoch' but got {lr_scheduler_interval!r}."
             )
         teacher_tasks = list(teacher) if isinstance(teacher, Mapping) else [] if teacher is None else [DEFAULT_TASK]
-        plan = _metric_plan(teacher_tasks, metric_task, num_labels, student)
+        plan = _metric_plan(teacher_tasks, metric_task, num_labels, student, task_type)
         if eval_tasks is not None:
             unknown = [task for task in eval_tasks if task not in plan]
             if unknown:
@@ -259,6 +329,7 @@ class DistillationModule(L.LightningModule):
             teacher_dtype=teacher_dtype,
             teacher_cache=teacher_cache,
             teacher_cache_verify=teacher_cache_verify,
+            task_type=task_type,
         )
         # The distiller's modules are registered here under their historical names (`teachers.*`, `projections.*`
         # in checkpoints); the distiller itself is kept unregistered so that they are not registered twice.
@@ -418,16 +489,35 @@ class DistillationModule(L.LightningModule):
             view = d.student_view(task_batch, *d.call_student(self.student, task_batch), task=task)
             if view.labels is None:
                 raise ValueError("Expected labels in validation/test batches (the adaptor gives `labels=None`).")
+            metrics = collections[task]
+            if self.metric_tasks[task] == "token":
+                self._update_token_metrics(metrics, view)
+                self.log_dict(metrics, prog_bar=True, batch_size=view.labels.shape[0], add_dataloader_idx=False)
+                continue
             logits, labels = view.logits.float(), view.labels
             if view.logits_mask is not None:
                 logits, labels = logits[view.logits_mask], labels[view.logits_mask]
-            metrics = collections[task]
             if self.metric_tasks[task] == "binary":
                 metrics.update(torch.sigmoid(logits.reshape(-1)), labels.reshape(-1))
             else:
                 metrics.update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             # The names carry the task, so no `/dataloader_idx_<i>` suffix when there are several loaders.
             self.log_dict(metrics, prog_bar=True, batch_size=labels.numel(), add_dataloader_idx=False)
+
+    @staticmethod
+    def _update_token_metrics(metrics: MetricCollection, view: ModelView) -> None:
+        """Perplexity and accuracy over the positions the view scores (label not -100, inside ``logits_mask``)."""
+        logits, labels = view.logits.float(), view.labels  # (B, L, V), (B, L)
+        if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"Expected (B, L, V) token logits and (B, L) labels for the token metrics (task_type "
+                f"'causal_lm'/'token') but got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}."
+            )
+        if view.logits_mask is not None:
+            labels = labels.masked_fill(~view.logits_mask.bool(), IGNORE_INDEX)  # (B, L)
+        prefix = metrics.prefix or ""
+        metrics[f"{prefix}ppl"].update(logits, labels)
+        metrics[f"{prefix}acc"].update(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     def _eval_batches(self, batch: Any, stage: str, dataloader_idx: int) -> list[tuple[str, Any]]:
         """The ``(task, batch of that task)`` pairs of a validation/test batch (see "Metrics of several tasks")."""

@@ -412,3 +412,104 @@ def test_hashes_ignore_the_padding_side_and_the_key_order():
     assert (right == left).all()
     assert (right == sample_hashes({"input_ids": ids, "token_type_ids": tti}, pad_token_id=1)).all()
     assert (right != sample_hashes({"input_ids": ids, "token_type_ids": tti}, pad_token_id=0)).all()
+
+
+# ---------------------------------------------------------------- token logits (causal LMs): per-token top-k
+
+
+def _lm_cache(tmp_path, name: str = "lm", top_k: int | None = 5, pad_id: int = 0):
+    """A cache of a 2-layer GPT-2's shifted next-token logits over 2 right-padded batches of 4 samples."""
+    from lit_kd.adaptors import causal_lm_adaptor
+    from tests.test_kd_lm import lm_batch, tiny_gpt2
+
+    teacher = tiny_gpt2(2, 0).eval()
+    data = [lm_batch(size=4, seed=s, pad_id=pad_id, index_start=4 * s) for s in range(2)]
+    cache = TeacherCache.build(
+        teacher, data, tmp_path / name, adaptor=causal_lm_adaptor, top_k=top_k, progress=False, pad_token_id=pad_id
+    )
+    return teacher, data, cache
+
+
+def test_topk_cache_of_causal_lm_logits_stores_real_tokens_only_and_gives_the_topk_loss(tmp_path):
+    from lit_kd import Distiller, ModelView
+    from lit_kd.adaptors import causal_lm_adaptor
+    from lit_kd.cache import topk_to_logits
+    from tests.test_kd_lm import LEN, V, model_inputs, tiny_gpt2
+
+    k = 5
+    teacher, data, _ = _lm_cache(tmp_path, top_k=k)
+    path = tmp_path / "lm"
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["logits_shape"] == [LEN - 1, V] and meta["top_k"] == k and meta["logits_mask"] is True
+    arrays = [np.load(path / n) for n in ("topk_logits.npy", "topk_indices.npy", "logsumexp.npy")]
+    n_positions = 8 * (LEN - 1)
+    assert sum(a.nbytes for a in arrays) / n_positions == 8 * k + 4  # the docstring's bytes per token
+    stored = np.load(path / "logits_mask.npy")  # (N, L-1)
+    with torch.no_grad():
+        for b in data:
+            view = causal_lm_adaptor(b, teacher(**model_inputs(b)))
+            assert (stored[b["index"].numpy()] == view.logits_mask.numpy()).all()
+    assert (~stored).sum() > 0 and (arrays[0][~stored] == 0).all()  # padding is not stored
+    # the same samples padded with another id give the same files (padding is not stored)
+    _lm_cache(tmp_path, "lm7", top_k=k, pad_id=7)
+    for name in ("topk_logits.npy", "topk_indices.npy", "logsumexp.npy", "logits_mask.npy"):
+        assert np.array_equal(np.load(path / name), np.load(tmp_path / "lm7" / name)), name
+    # the KD loss from the cache is the loss against the live teacher's top-k rebuilt logits
+    student = tiny_gpt2(1, 1).eval()
+    config = DistillationConfig(temperature=2.0)
+    cached = DistillationModule(teacher, student, config, task_type="causal_lm", teacher_cache=str(path)).eval()
+    reference = Distiller(None, config)
+    with torch.no_grad():
+        for b in data[::-1]:
+            s_view = causal_lm_adaptor(b, student(**model_inputs(b)))
+            z_t = causal_lm_adaptor(b, teacher(**model_inputs(b))).logits  # (B, L-1, V)
+            top = z_t.topk(k, dim=-1)
+            rebuilt = topk_to_logits(top.values, top.indices, z_t.logsumexp(-1), V)
+            expected = reference.loss_terms(s_view, [ModelView(logits=rebuilt)], 0.0)["kd"][0]
+            got = cached.loss_terms(*_views(cached, b), 0.0)["kd"][0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [5, None])
+def test_token_cache_refuses_another_vocabulary_and_longer_sequences(tmp_path, top_k):
+    from tests.test_kd_lm import LEN, V, tiny_gpt2
+
+    teacher, data, cache = _lm_cache(tmp_path, top_k=top_k)
+    b = data[0]
+    student = tiny_gpt2(1, 1, vocab_size=V + 10).eval()
+    module = DistillationModule(
+        teacher, student, task_type="causal_lm", teacher_cache=str(tmp_path / "lm"), num_labels=V + 10
+    ).eval()
+    with pytest.raises(ValueError, match=rf"teacher's {V} classes .*V_t={V}.*V_s={V + 10}"):
+        module.training_step(b, 0)
+    with pytest.raises(ValueError, match=rf"V_t={V}.*V_s={V - 1}"):
+        cache.lookup(b["index"], b, like=torch.zeros(4, LEN - 1, V - 1))
+    with pytest.raises(ValueError, match=r"dimension 1 is longer \(16 > 15\)"):
+        cache.lookup(b["index"], b, like=torch.zeros(4, LEN, V))
+    with pytest.raises(ValueError, match=r"shape of the cached teacher logits"):
+        cache.lookup(b["index"], b, like=torch.zeros(4, V))
+    shorter = cache.lookup(b["index"], b, like=torch.zeros(4, LEN - 3, V))  # a batch padded less: cut
+    assert shorter.shape == (4, LEN - 3, V)
+
+
+def test_token_cache_refuses_a_student_scoring_positions_it_did_not_store(tmp_path):
+    from lit_kd.adaptors import causal_lm_adaptor
+    from tests.test_kd_lm import LEN, V
+
+    _, data, cache = _lm_cache(tmp_path)
+    b = data[0]
+    real = b["attention_mask"].bool()
+    # the same samples, left-padded: their inputs hash alike, but the positions moved
+    order = torch.argsort(real.long(), dim=1, stable=True)  # pads first, then the real tokens in order
+    left = {
+        "input_ids": b["input_ids"].gather(1, order),
+        "attention_mask": b["attention_mask"].gather(1, order),
+        "labels": b["labels"].gather(1, order),
+        "index": b["index"],
+    }
+    assert (sample_hashes(left) == sample_hashes(b)).all()
+    mask = causal_lm_adaptor(left, torch.zeros(4, LEN, V)).logits_mask
+    with pytest.raises(ValueError, match=r"scores position \d+ of sample 0, which was padding"):
+        cache.lookup(left["index"], left, like=torch.zeros(4, LEN - 1, V), mask=mask)
+    ok = causal_lm_adaptor(b, torch.zeros(4, LEN, V)).logits_mask  # the padding of the build
+    assert cache.lookup(b["index"], b, like=torch.zeros(4, LEN - 1, V), mask=ok).shape == (4, LEN - 1, V)

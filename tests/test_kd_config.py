@@ -154,8 +154,8 @@ def test_distillation_config_defaults():
         (dict(hard_label_weight=-0.1), "Expected `hard_label_weight` to be >= 0 but got -0.1."),
         (
             dict(kd_loss_type="js"),
-            "Expected `kd_loss_type` to be one of 'ce', 'kl', 'mse', 'bce', a callable or a dotted import path "
-            "(`mypkg.losses.fn`) but got 'js'.",
+            "Expected `kd_loss_type` to be one of 'ce', 'kl', 'mse', 'bce', 'forward_kl', 'reverse_kl', 'jsd', 'tvd', "
+            "a callable or a dotted import path (`mypkg.losses.fn`) but got 'js'.",
         ),
         (
             dict(kd_loss_weight_scheduler="cosine"),
