@@ -80,6 +80,25 @@ accuracy for a causal LM), and ``test/...``. A (B, L, C) student logits tensor w
       init_args:
         task_type: causal_lm              # or token; adaptors may still be given: lit_kd.adaptors.causal_lm_adaptor
 
+On-policy and sequence-level data (GKD, as TRL's ``GKDTrainer``; ``task_type="causal_lm"`` only): for a fraction
+``on_policy_fraction`` of the training batches (TRL's ``lmbda``; drawn per batch from ``on_policy_seed`` and the batch
+number, so reproducible) the student samples up to ``max_new_tokens`` tokens after each prompt (``generate`` under
+``torch.no_grad()``, in eval mode, then back to train mode) and the KD term is computed on the student's own sequences,
+scored by the teacher; with ``seq_kd`` the (first) teacher samples the continuations of the other batches. Batches
+carry their prompts left-padded as ``prompt_input_ids``/``prompt_attention_mask`` (see :mod:`lit_kd.generation`);
+only completion tokens count (labels -100 on the prompt and after a row's first end-of-sequence token). As TRL, a
+generated batch trains on the divergence only: the hard-label term is left out (its sampled tokens are no gold labels);
+intermediate matches, computed on the same sequence, stay. Logged: ``train/on_policy`` (1.0 for a batch the student
+generated), ``train/seq_kd`` (1.0 for one the teacher generated, with ``seq_kd``), and the running mean time of a whole
+training step (generation, forward, backward, optimizer) by kind, ``train/step_s_on_policy``, ``train/step_s_seq_kd``
+and ``train/step_s_off_policy`` (also :attr:`DistillationModule.step_seconds`). In YAML::
+
+    model:
+      init_args:
+        task_type: causal_lm
+        on_policy_fraction: 0.5           # TRL's lmbda
+        max_new_tokens: 64
+
 Inference: ``teacher`` may be ``None`` (``DistillationModule.load_from_checkpoint(ckpt, student=MyStudent())``
 needs no teacher); only training needs one. For the student alone, ``lit_kd.export.load_student(ckpt)`` rebuilds
 a ``transformers`` student from the checkpoint itself (or loads the weights into yours), reading no teacher.
@@ -88,6 +107,7 @@ a ``transformers`` student from the checkpoint itself (or loads the weights into
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -105,6 +125,7 @@ from lit_kd.adaptors import IGNORE_INDEX, Inputs, ModelView, TaskType, check_tas
 from lit_kd.config import DistillationConfig
 from lit_kd.distiller import DEFAULT_TASK, Distiller, batch_task, split_tasks
 from lit_kd.export import STUDENT_RECORD_KEY, save_model, student_record
+from lit_kd.generation import GenerationSource, batch_source, check_generation_args, generated_batch
 
 __all__ = ["DEFAULT_TASK", "DistillationModule", "training_progress"]
 
@@ -250,6 +271,16 @@ class DistillationModule(L.LightningModule):
             adaptor of each model whose adaptor is ``None``; for the token types the metrics are ``ppl`` and ``acc``
             over the scored positions (``num_labels``: the vocabulary size, by default the student's). In YAML:
             ``task_type: causal_lm``.
+        on_policy_fraction: The fraction of training batches, in [0, 1], whose continuations the student generates
+            (on-policy distillation; TRL's ``lmbda``). 0: none. Needs ``task_type="causal_lm"``, prompts in the
+            batches (see "On-policy and sequence-level data" in this module's docstring) and ``kd_loss_weight`` > 0.
+        seq_kd: The teacher (the first of the batch's task) generates the continuations of the batches the student
+            does not generate (sequence-level KD; TRL's ``seq_kd``). Same needs as ``on_policy_fraction``.
+        max_new_tokens: The most tokens generated after each prompt (>= 1).
+        generation_temperature: The sampling temperature of generation (> 0; 1: the model's distribution).
+        generation_top_k: Sample among the ``generation_top_k`` most likely tokens; ``None`` for all.
+        on_policy_seed: Seeds the draw of which batches are generated (one draw per training batch number: the
+            same batches for the same seed, on every rank and after a resume).
 
     Raises:
         ValueError: If ``num_labels`` is None for ``"multiclass"`` metrics and the student does not say its class
@@ -280,6 +311,12 @@ class DistillationModule(L.LightningModule):
         eval_tasks: list[str] | None = None,
         teacher_cache_verify: bool = True,
         task_type: TaskType = "sequence",
+        on_policy_fraction: float = 0.0,
+        seq_kd: bool = False,
+        max_new_tokens: int = 32,
+        generation_temperature: float = 1.0,
+        generation_top_k: int | None = None,
+        on_policy_seed: int = 0,
     ) -> None:
         super().__init__()
         if student is None:
@@ -345,6 +382,16 @@ class DistillationModule(L.LightningModule):
         self.metric_tasks = {task: kind for task, (kind, _) in plan.items()}
         self.val_metrics = nn.ModuleDict({task: _metrics(*plan[task], "val", task) for task in plan})
         self.test_metrics = nn.ModuleDict({task: _metrics(*plan[task], "test", task) for task in plan})
+        check_generation_args(
+            on_policy_fraction, seq_kd, max_new_tokens, generation_temperature, generation_top_k, on_policy_seed
+        )
+        self.generates = on_policy_fraction > 0 or seq_kd
+        if self.generates:
+            self._check_generation(teacher, student, on_policy_fraction, seq_kd, task_type, teacher_cache)
+        self._batch_source: GenerationSource | None = None
+        self._batch_count = 0  # training batches seen outside a Trainer (which counts them itself)
+        self._step_start: float | None = None
+        self._step_times: dict[str, tuple[float, int]] = {}  # {kind: (seconds, steps)}
 
     # ------------------------------------------------------------------ inference
     def forward(self, batch: Any) -> Any:
@@ -358,8 +405,13 @@ class DistillationModule(L.LightningModule):
         per_task = len(pairs) > 1 or pairs[0][0] != DEFAULT_TASK
         totals: dict[str, tuple[Tensor, float]] = {}
         temperature_sum, n_total = None, 0
+        source = self._batch_source = self._draw_source() if self.generates else None
         for task, task_batch in pairs:
+            if source is not None:
+                task_batch = self._generated_batch(source, task, task_batch)
             terms, stats, n = self._task_terms(task, task_batch, progress)
+            if source is not None:  # as TRL: the divergence only on generated sequences (no gold labels)
+                terms = {name: term for name, term in terms.items() if name != "hard" and not name.startswith("hard/")}
             if per_task:
                 self._log_terms(f"train/{task}/", terms, stats, n)
             for name, (value, weight) in terms.items():  # same config, so the same weight in every task
@@ -369,6 +421,10 @@ class DistillationModule(L.LightningModule):
                 temperature_sum = part if temperature_sum is None else temperature_sum + part
             n_total += n
         stats = {} if temperature_sum is None else {"temperature": temperature_sum / n_total}
+        if self.generates:
+            self.log("train/on_policy", float(source == "student"), batch_size=n_total)
+            if self.hparams.seq_kd:
+                self.log("train/seq_kd", float(source == "teacher"), batch_size=n_total)
         return self._log_terms("train/", totals, stats, n_total)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -400,6 +456,29 @@ class DistillationModule(L.LightningModule):
             for model in [self.student, *([] if self.distiller.cache is not None else self.all_teachers())]:
                 model.compile(backend=self.hparams.compile_backend)
             self._compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter() if self.generates else None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: the time of the whole step, by kind (on-policy, seq_kd, off-policy).
+        if self._step_start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self._step_start
+        self._step_start = None
+        kind = {"student": "on_policy", "teacher": "seq_kd", None: "off_policy"}[self._batch_source]
+        total, count = self._step_times.get(kind, (0.0, 0))
+        self._step_times[kind] = (total + seconds, count + 1)
+        self.log(f"train/step_s_{kind}", (total + seconds) / (count + 1), batch_size=1)
+
+    @property
+    def step_seconds(self) -> dict[str, float]:
+        """The mean time in seconds of a training step (batch start to after the optimizer step) by kind of batch:
+        ``on_policy`` (the student generated it), ``seq_kd`` (the teacher did) and ``off_policy`` (the data's), over
+        the steps of this process with generation on (``on_policy_fraction`` > 0 or ``seq_kd``); empty otherwise."""
+        return {kind: total / count for kind, (total, count) in self._step_times.items()}
 
     def on_fit_start(self) -> None:
         # A `trainer.validate` before `fit` leaves metric states made under inference mode; fresh ones avoid that.
@@ -447,6 +526,59 @@ class DistillationModule(L.LightningModule):
         return save_model(self.student, path)
 
     # ------------------------------------------------------------------ internals
+    def _check_generation(
+        self,
+        teacher: Any,
+        student: nn.Module,
+        on_policy_fraction: float,
+        seq_kd: bool,
+        task_type: str,
+        teacher_cache: str | None,
+    ) -> None:
+        """What on-policy / seq_kd generation needs, checked at construction."""
+        which = f"on_policy_fraction={on_policy_fraction}" if on_policy_fraction > 0 else "seq_kd=True"
+        if task_type != "causal_lm":
+            raise ValueError(
+                f"Expected task_type='causal_lm' with {which} (generation continues prompts of a causal language "
+                f"model) but got task_type={task_type!r}."
+            )
+        if teacher_cache is not None:
+            raise ValueError(
+                f"Expected no `teacher_cache` with {which}: the teacher must score the sequences generated during "
+                "training, which no cache holds."
+            )
+        if self.config.kd_loss_weight <= 0:
+            raise ValueError(
+                f"Expected `kd_loss_weight` > 0 with {which} (generated batches train on the KD term only) but got "
+                f"{self.config.kd_loss_weight}."
+            )
+        models = [("student", student)] if on_policy_fraction > 0 else []
+        models += [("teacher", t) for t in self.all_teachers()] if seq_kd else []
+        for who, model in models:
+            if not callable(getattr(model, "generate", None)):
+                raise ValueError(
+                    f"Expected the {who} to have `generate` (a `transformers` language model) with {which} but got "
+                    f"{type(model).__name__}."
+                )
+
+    def _draw_source(self) -> GenerationSource | None:
+        """Who generates this training batch (see :func:`lit_kd.generation.batch_source`), by the batch's number
+        across epochs (the Trainer's, restored on resume; a count of calls outside a Trainer)."""
+        if self._trainer is not None:
+            index = self._trainer.fit_loop.epoch_loop.total_batch_idx
+        else:
+            index, self._batch_count = self._batch_count, self._batch_count + 1
+        hp = self.hparams
+        return batch_source(hp.on_policy_seed, index, hp.on_policy_fraction, hp.seq_kd)
+
+    def _generated_batch(self, source: GenerationSource, task: str, batch: Any) -> dict[str, Any]:
+        """``batch`` with its prompts' continuations by the student or the task's first teacher."""
+        if source == "teacher" and task not in self.distiller.teachers:
+            raise RuntimeError(f"Expected a teacher of task {task!r} to generate with `seq_kd=True` but got none.")
+        model = self.student if source == "student" else self.distiller.teachers[task][0]
+        hp = self.hparams
+        return generated_batch(model, batch, hp.max_new_tokens, hp.generation_temperature, hp.generation_top_k)
+
     def _task_terms(
         self, task: str, batch: Any, progress: float
     ) -> tuple[dict[str, tuple[Tensor, float]], dict[str, Tensor], int]:
