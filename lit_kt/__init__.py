@@ -1,18 +1,21 @@
 """Knowledge tracing with PyTorch Lightning: SAKT and DKT models, data, a Lightning system and inference."""
 
+from lit_kt.calibration import TemperatureScaling, brier_score, expected_calibration_error, fit_temperature
 from lit_kt.data import KTDataModule, KTDataset, collate_kt, window_spans
 from lit_kt.distillation import kt_adaptor
 from lit_kt.factories import model_from_checkpoint
 from lit_kt.formats import KTFormatError, StudentSequence, read_long_table, read_three_line, write_three_line
 from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
-from lit_kt.models import DKT, SAKT
-from lit_kt.module import DKTModule, KTModule, SAKTModule
+from lit_kt.models import AKT, DKT, SAKT
+from lit_kt.module import AKTModule, DKTModule, KTModule, SAKTModule
 from lit_kt.streaming import SAKTStream
 from lit_kt.synthetic import SyntheticStudents, generate_students, roc_auc
 from lit_kt.writer import PredictionWriter
 
 __all__ = [
+    "AKT",
+    "AKTModule",
     "DKT",
     "DKTModule",
     "KTDataModule",
@@ -25,7 +28,11 @@ __all__ = [
     "SAKTStream",
     "StudentSequence",
     "SyntheticStudents",
+    "TemperatureScaling",
+    "brier_score",
     "collate_kt",
+    "expected_calibration_error",
+    "fit_temperature",
     "generate_students",
     "kt_adaptor",
     "masked_bce_with_logits",

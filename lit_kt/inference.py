@@ -23,6 +23,7 @@ def predict_next(
     exercises: Sequence[int] | Tensor,
     responses: Sequence[int] | Tensor,
     candidates: int | Sequence[int] | Tensor,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Probability of a correct answer on each candidate next exercise, given one student's history.
 
@@ -35,13 +36,15 @@ def predict_next(
         exercises: The student's past exercise ids, oldest first, each in 1..num_exercises.
         responses: Their 0/1 correctness, same length.
         candidates: One exercise id or several.
+        temperature: The logits are divided by it before the sigmoid (post-hoc temperature scaling, see
+            :mod:`lit_kt.calibration`; :meth:`lit_kt.KTModule.predict_next` passes the module's).
 
     Returns:
         (C,) probabilities, one per candidate, in the order given.
 
     Raises:
         ValueError: If lengths differ, a response is not 0/1 or an id is unknown (the message names the argument and
-            the position).
+            the position), or the temperature is not a positive number.
 
     Example:
         >>> from lit_kt.models import SAKT
@@ -53,6 +56,8 @@ def predict_next(
         raise ValueError(
             f"Expected `exercises` and `responses` to have the same length but got {ex.numel()} and {resp.numel()}."
         )
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"Expected `temperature` to be a positive number but got {temperature!r}.")
     if cand.numel() == 0:
         raise ValueError("Expected at least one id in `candidates` but got none.")
     n = model.num_exercises
@@ -83,4 +88,4 @@ def predict_next(
         logits = model(batch_ex, batch_resp)  # (C, h + 1)
     finally:
         model.train(was_training)
-    return torch.sigmoid(logits[:, -1].float()).cpu()
+    return torch.sigmoid(logits[:, -1].float() / temperature).cpu()

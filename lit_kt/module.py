@@ -28,11 +28,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryCalibrationError
 
 from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
-from lit_kt.models import DKT, SAKT
+from lit_kt.models import AKT, DKT, SAKT
 
 
 def _model_spec(model: nn.Module) -> dict[str, Any]:
@@ -132,8 +132,15 @@ def _build_model(spec: dict[str, Any]) -> nn.Module:
 class KTModule(L.LightningModule):
     """Trains and evaluates a knowledge-tracing model with a masked binary cross-entropy.
 
-    Metrics (``val/`` and ``test/`` prefixes): ``auc`` (AUROC), ``acc`` (accuracy at 0.5) and ``rmse``, computed over
-    the scored positions of the batch (``batch["mask"]``) only; ``train/loss`` and ``val/loss`` are logged too.
+    Metrics (``val/`` and ``test/`` prefixes): ``auc`` (AUROC), ``acc`` (accuracy at 0.5), ``rmse``, ``brier`` (mean
+    squared error of the probability against the 0/1 response) and ``ece`` (expected calibration error: 15
+    equal-width bins, L1, weighted by bin counts; see :mod:`lit_kt.calibration`), computed over the scored positions of
+    the batch (``batch["mask"]``) only; ``train/loss`` and ``val/loss`` are logged too.
+
+    Temperature: the ``temperature`` buffer ``T`` (1 by default, saved in checkpoints; fitted on the validation split
+    by :class:`~lit_kt.calibration.TemperatureScaling` or :func:`~lit_kt.calibration.calibrate`) divides the logits
+    of the metrics, :meth:`predict_step` and :meth:`predict_next`; the losses use the raw logits. Checkpoints saved
+    before it existed load with ``T = 1``.
 
     Args:
         model: A KT model (see the module docstring), or its ``{"class_path", "init_args"}`` spec.
@@ -173,8 +180,15 @@ class KTModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         metrics = MetricCollection(
-            {"auc": BinaryAUROC(), "acc": BinaryAccuracy(), "rmse": MeanSquaredError(squared=False)}
+            {
+                "auc": BinaryAUROC(),
+                "acc": BinaryAccuracy(),
+                "rmse": MeanSquaredError(squared=False),
+                "brier": MeanSquaredError(),
+                "ece": BinaryCalibrationError(n_bins=15, norm="l1"),
+            }
         )
+        self.register_buffer("temperature", torch.tensor(1.0))
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -185,7 +199,12 @@ class KTModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self._shared_step(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["exercises"].shape[0])
-        return loss
+        # train/loss stays the BCE alone, comparable across models; the optimised loss adds the penalty.
+        return loss + self.penalty()
+
+    def penalty(self) -> Tensor | float:
+        """Extra term added to the training loss (not to validation or test losses); 0 here, see :class:`AKTModule`."""
+        return 0.0
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -194,8 +213,8 @@ class KTModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-position probabilities of a correct answer, with the batch's ``mask`` and ``index``."""
-        probs = torch.sigmoid(self(batch["exercises"], batch["responses"]))  # (B, L)
+        """Per-position probabilities of a correct answer at ``temperature``, with the batch's mask and index."""
+        probs = torch.sigmoid(self(batch["exercises"], batch["responses"]).float() / self.temperature)  # (B, L)
         return {"probabilities": probs, "mask": batch["mask"], "index": batch["index"]}
 
     def configure_optimizers(self):
@@ -224,8 +243,14 @@ class KTModule(L.LightningModule):
     def predict_next(
         self, exercises: Sequence[int], responses: Sequence[int], candidates: int | Sequence[int]
     ) -> Tensor:
-        """Probability that the student answers each candidate correctly next; see :func:`lit_kt.predict_next`."""
-        return predict_next(self.model, exercises, responses, candidates)
+        """Probability of a correct answer on each next candidate at ``temperature``; see :func:`predict_next`."""
+        return predict_next(self.model, exercises, responses, candidates, temperature=float(self.temperature))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the temperature buffer existed load with T = 1 under strict loading.
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and "temperature" not in state:
+            state["temperature"] = torch.tensor(1.0)
 
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["exercises"], batch["responses"])  # (B, L)
@@ -234,7 +259,7 @@ class KTModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
         loss, logits = self._shared_step(batch)
         mask = batch["mask"]
-        metrics.update(torch.sigmoid(logits[mask].float()), batch["responses"][mask])
+        metrics.update(torch.sigmoid(logits[mask].float() / self.temperature), batch["responses"][mask])
         n = int(mask.sum())  # weight the epoch mean by scored positions, not by rows
         # sync_dist: under DDP the epoch loss is reduced over processes once, at epoch end (ranks may differ in
         # their number of evaluation batches, which is fine for an epoch-end reduction).
@@ -270,3 +295,37 @@ class DKTModule(KTModule):
         flush_denormal: bool = True,
     ) -> None:
         super().__init__(model, optimizer, lr_scheduler, compile, compile_backend, flush_denormal)
+
+
+class AKTModule(KTModule):
+    """:class:`KTModule` for an :class:`~lit_kt.models.AKT` model, with the L2 penalty on its question difficulties.
+
+    Args:
+        model: The AKT model, or its ``{"class_path", "init_args"}`` spec.
+        optimizer: Builds the optimizer from the parameters.
+        lr_scheduler: Builds a learning-rate scheduler from the optimizer, stepped every epoch; ``None`` for none.
+        compile: See :class:`KTModule`.
+        compile_backend: See :class:`KTModule`.
+        flush_denormal: See :class:`KTModule`.
+        l2: Weight of ``model.regularization()`` (the sum of squared Rasch difficulties ``mu``) in the training
+            loss; the paper's value is 1e-5. Without question ids the term is 0.
+    """
+
+    def __init__(
+        self,
+        model: AKT,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        flush_denormal: bool = True,
+        l2: float = 1e-5,
+    ) -> None:
+        if l2 < 0:
+            raise ValueError(f"Expected `l2` to be >= 0 but got {l2}.")
+        super().__init__(model, optimizer, lr_scheduler, compile, compile_backend, flush_denormal)
+        self.l2 = l2
+
+    def penalty(self) -> Tensor | float:
+        """``l2 * model.regularization()``."""
+        return self.l2 * self.model.regularization() if self.l2 else 0.0

@@ -1,12 +1,15 @@
-"""Pictures of what a SAKT model attends to (needs matplotlib: ``pip install lit-kdkt[plot]``)."""
+"""Pictures of what a SAKT model attends to and of how calibrated a KT model is (needs matplotlib:
+``pip install lit-kdkt[plot]``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lit_kt.calibration import calibration_bins, expected_calibration_error
 from lit_kt.models.sakt import SAKT
 
 
@@ -93,3 +96,71 @@ def plot_attention(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def reliability_diagram(
+    probs: Any,
+    labels: Any,
+    n_bins: int = 15,
+    ax: Any = None,
+    calibrated_probs: Any = None,
+    title: str | None = None,
+):
+    """Reliability diagram: the fraction of correct answers per probability bin against the diagonal.
+
+    The probabilities of a correct answer are put into ``n_bins`` equal-width bins (as for the ECE, see
+    :mod:`lit_kt.calibration`); bars show each bin's accuracy and a line its mean probability against accuracy (on the
+    diagonal when calibrated). A histogram of the bin counts sits below (or, when ``ax`` is given, on a twin axis
+    of it). The title gives the ECE; with ``calibrated_probs`` (e.g. after temperature scaling), its line, counts
+    and ECE are overlaid.
+
+    Args:
+        probs: Predicted probabilities of a correct answer (array-like or tensor, flattened).
+        labels: The 0/1 responses, as many.
+        n_bins: Number of equal-width bins.
+        ax: A matplotlib ``Axes`` to draw on; ``None`` makes a new figure with the counts histogram below.
+        calibrated_probs: Optional probabilities of the same positions after calibration, overlaid.
+        title: Title; a default gives the ECE (before and after calibration when ``calibrated_probs`` is given).
+
+    Returns:
+        The matplotlib ``Figure`` (made without pyplot when ``ax`` is ``None``: save it with ``fig.savefig``).
+
+    Raises:
+        ValueError: If a probability is outside ``[0, 1]``, a label is not 0/1, the sizes differ or ``n_bins < 1``.
+    """
+    from matplotlib.figure import Figure  # no pyplot: the figure belongs to no backend or global state
+
+    series = [("uncalibrated" if calibrated_probs is not None else "model", probs, "tab:blue")]
+    if calibrated_probs is not None:
+        series.append(("temperature-scaled", calibrated_probs, "tab:orange"))
+    below = ax is None
+    if below:
+        fig = Figure(figsize=(5.5, 6.5))
+        ax, ax_count = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax_count = ax.figure, ax.twinx()
+    width = 1.0 / n_bins
+    centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) * width
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    eces = []
+    for i, (name, p, color) in enumerate(series):
+        conf, acc, count = calibration_bins(p, labels, n_bins)
+        ece = expected_calibration_error(p, labels, n_bins)
+        eces.append(f"{name} {ece:.4f}" if len(series) > 1 else f"{ece:.4f}")
+        seen = count > 0
+        if i == 0:
+            ax.bar(centers[seen], acc[seen], width=width, color=color, alpha=0.3, edgecolor=color)
+        ax.plot(conf[seen], acc[seen], marker="o", color=color, label=f"{name} (ECE {ece:.4f})")
+        ax_count.bar(centers, count, width=width * (0.9 if i == 0 else 0.5), color=color, alpha=0.6, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction answered correctly")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_count.set_ylabel("positions per bin")
+    if below:
+        ax_count.set_xlabel("predicted probability of a correct answer")
+    else:
+        ax.set_xlabel("predicted probability of a correct answer")
+    ax.set_title(title or f"Reliability, {n_bins} equal-width bins\nECE " + ", ".join(eces), fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -29,9 +29,12 @@ class SAKTStream:
     """One student's SAKT state, updated one interaction at a time.
 
     Args:
-        model: A trained SAKT model; it is put in eval mode (the stream does not train).
+        model: A trained SAKT model, or a module holding one in ``.model`` (a :class:`~lit_kt.KTModule`); it is put
+            in eval mode (the stream does not train).
         exercises: Optional history to start from (exercise ids, oldest first).
         responses: Its 0/1 responses.
+        temperature: The logits are divided by it (see :mod:`lit_kt.calibration`); ``None`` takes the
+            ``temperature`` of ``model`` (a KTModule's fitted one), or 1 for a bare SAKT.
 
     Example:
         >>> stream = SAKTStream(SAKT(num_exercises=10, max_len=8))
@@ -40,7 +43,20 @@ class SAKTStream:
         torch.Size([2])
     """
 
-    def __init__(self, model: SAKT, exercises: Sequence[int] = (), responses: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        model: SAKT | torch.nn.Module,
+        exercises: Sequence[int] = (),
+        responses: Sequence[int] = (),
+        temperature: float | None = None,
+    ) -> None:
+        if temperature is None:
+            temperature = float(getattr(model, "temperature", 1.0))
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"Expected `temperature` to be a positive number but got {temperature!r}.")
+        self.temperature = temperature
+        if not isinstance(model, SAKT) and isinstance(getattr(model, "model", None), SAKT):
+            model = model.model  # a KTModule wrapping a SAKT
         if not isinstance(model, SAKT):
             raise TypeError(f"Expected `model` to be a SAKT model but got {type(model).__name__}.")
         if len(exercises) != len(responses):
@@ -124,7 +140,7 @@ class SAKTStream:
             attn = block.out_proj(attn.transpose(0, 1).reshape(C, D))  # (C, D)
             x = block.attn_norm(x + attn)
             x = block.ffn_norm(x + block.ffn(x))
-        return torch.sigmoid(m.head(x).squeeze(-1).float()).cpu()  # (C,)
+        return torch.sigmoid(m.head(x).squeeze(-1).float() / self.temperature).cpu()  # (C,)
 
     def step(self, exercise: int, response: int, candidates: int | Sequence[int]) -> Tensor:
         """``append(exercise, response)`` then ``predict(candidates)``."""

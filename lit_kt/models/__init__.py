@@ -1,8 +1,20 @@
 """Knowledge-tracing models: plain ``nn.Module``s usable without Lightning."""
 
+from lit_kt.models.akt import AKT, AKTBlock, monotonic_attention
 from lit_kt.models.attention import ChunkedCausalAttention, causal_attention
 from lit_kt.models.dkt import DKT
 from lit_kt.models.dropout import FastDropout, fast_dropout
 from lit_kt.models.sakt import SAKT, SAKTBlock
 
-__all__ = ["DKT", "SAKT", "ChunkedCausalAttention", "FastDropout", "SAKTBlock", "causal_attention", "fast_dropout"]
+__all__ = [
+    "AKT",
+    "DKT",
+    "SAKT",
+    "AKTBlock",
+    "ChunkedCausalAttention",
+    "FastDropout",
+    "SAKTBlock",
+    "causal_attention",
+    "fast_dropout",
+    "monotonic_attention",
+]
