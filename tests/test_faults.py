@@ -95,7 +95,9 @@ def test_shipped_configs_keep_the_best_checkpoint_and_rewrite_the_last(path):
     """First the best by validation (``trainer.checkpoint_callback``, what ``test_after_fit`` tests), then one that
     rewrites last.ckpt at every validation, whatever the score (what ``--ckpt_path last`` finds)."""
     best, last = model_checkpoints(yaml.safe_load(path.read_text()))
-    assert best.get("monitor", "").startswith("val/") and best.get("mode") == "max"
+    # the direction follows the metric: perplexity is minimised, AUC and accuracy maximised
+    expected_mode = "min" if best.get("monitor") in ("val/ppl", "val/loss") else "max"
+    assert best.get("monitor", "").startswith("val/") and best.get("mode") == expected_mode
     assert not best.get("save_last")  # Lightning 2.6 would write last.ckpt only when the best improves
     assert last == {"filename": "last", "enable_version_counter": False}  # no monitor: the latest is the top 1
 
