@@ -7,6 +7,7 @@ from lit_kt.factories import model_from_checkpoint
 from lit_kt.formats import KTFormatError, StudentSequence, read_long_table, read_three_line, write_three_line
 from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
+from lit_kt.mastery import mastery
 from lit_kt.models import AKT, DKT, SAKT
 from lit_kt.module import AKTModule, DKTModule, KTModule, SAKTModule
 from lit_kt.streaming import SAKTStream
@@ -36,6 +37,7 @@ __all__ = [
     "generate_students",
     "kt_adaptor",
     "masked_bce_with_logits",
+    "mastery",
     "model_from_checkpoint",
     "predict_next",
     "read_long_table",

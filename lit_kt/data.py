@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -32,8 +32,116 @@ from lit_kt.formats import KTFormatError, StudentSequence, find_exercise_above, 
 class ExerciseIdError(KTFormatError):
     """An exercise id above the range the model embeds (``num_exercises``) or above ``max_exercise_id``.
 
-    The message starts with ``"<path>:<line>: "``, the line of the first offending interaction in the file.
+    The message starts with ``"<path>:<line>: "``, the line of the first offending interaction in the file; for
+    in-memory data (``KTDataModule(sequences=...)``) ``path`` is the student, e.g. ``"sequences['train'][3]: "``, and
+    ``line`` is ``None`` (the message names the 0-based position in the student's sequence).
     """
+
+
+_SPLITS = ("train", "val", "test")
+
+
+def _in_memory_array(values: Any, where: str, name: str) -> np.ndarray:
+    """One student's ``exercises`` or ``responses`` given in memory, as a 1-D integer-valued array.
+
+    Integer and boolean arrays pass as they are; float arrays must hold integral, finite values; Python ints beyond
+    int64 stay an object array (compared exactly by the caller). ``where`` (e.g. ``"sequences['train'][3]"``) starts
+    every error message.
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = (values.double() if values.is_floating_point() else values).numpy()
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as e:  # e.g. ragged nested lists
+        raise TypeError(
+            f"{where}: Expected {name} as a 1-D sequence of integers but got a {type(values).__name__} ({e})"
+        ) from e
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: Expected 1-D {name} but got an array of shape {arr.shape}")
+    if arr.dtype.kind == "O" and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in arr):
+        return arr  # Python ints beyond int64
+    if arr.size and arr.dtype.kind not in "biuf":
+        raise TypeError(f"{where}: Expected integer {name} but got an array of dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and arr.size:
+        finite = np.isfinite(arr)
+        bad = ~finite | (np.where(finite, arr, 0) != np.round(np.where(finite, arr, 0)))
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise ValueError(f"{where}: Expected integer {name} but got {arr[pos].item()!r} at position {pos}")
+    return arr
+
+
+def _in_memory_student(item: Any, where: str, max_exercise_id: int, num_exercises: int | None) -> StudentSequence:
+    """Validates one in-memory student (a :class:`StudentSequence` or an ``(exercises, responses)`` pair).
+
+    Args:
+        item: The student.
+        where: The student's place in the input, e.g. ``"sequences['train'][3]"``; it starts every error message.
+        max_exercise_id: The data module's ``max_exercise_id``.
+        num_exercises: The data module's explicit ``num_exercises``, or ``None``.
+
+    Returns:
+        The student as a :class:`StudentSequence` (int64 arrays; a given ``StudentSequence`` keeps its ``student``).
+
+    Raises:
+        TypeError: If the item is neither a ``StudentSequence`` nor a pair, or its values are not numbers.
+        ValueError: If the lengths differ, the student has no interaction, a value is not an integer, an exercise
+            id is below 1 or a response is not 0 or 1.
+        ExerciseIdError: If an exercise id is above ``max_exercise_id`` or an explicit ``num_exercises``.
+    """
+    student = None
+    if isinstance(item, StudentSequence):
+        exercises, responses, student = item.exercises, item.responses, item.student
+    elif isinstance(item, tuple | list) and len(item) == 2:
+        exercises = _in_memory_array(item[0], where, "exercises")
+        responses = _in_memory_array(item[1], where, "responses")
+    else:
+        found = f"a {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, tuple | list) else "")
+        raise TypeError(
+            f"{where}: Expected a StudentSequence or an (exercises, responses) pair of integer sequences but got"
+            f" {found}"
+        )
+    if len(exercises) != len(responses):
+        raise ValueError(
+            f"{where}: Expected exercises and responses of equal length but got {len(exercises)} exercises and"
+            f" {len(responses)} responses"
+        )
+    if len(exercises) == 0:
+        raise ValueError(f"{where}: Expected at least one interaction but got an empty student")
+    low = np.asarray(exercises < 1, dtype=bool)
+    if low.any():
+        pos = int(np.argmax(low))
+        raise ValueError(
+            f"{where}: Expected exercise ids >= 1 (0 is reserved for padding) but got {int(exercises[pos])} at"
+            f" position {pos}"
+        )
+    bad = np.asarray((responses != 0) & (responses != 1), dtype=bool)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise ValueError(f"{where}: Expected responses 0 or 1 but got {int(responses[pos])} at position {pos}")
+    bounds = [
+        (
+            num_exercises,
+            f"Expected `num_exercises` ({num_exercises}) to be >= the largest exercise id in the data (the model"
+            " embeds ids 1..num_exercises)",
+            "",
+        ),
+        (
+            max_exercise_id,
+            f"Expected exercise ids <= `max_exercise_id` ({max_exercise_id}, a sanity bound: the embedding tables"
+            " have a row per id)",
+            "; number the exercises 1..N or raise `max_exercise_id`",
+        ),
+    ]
+    for bound, expected, suffix in bounds:
+        high = np.asarray(exercises > bound, dtype=bool) if bound is not None else None
+        if high is not None and high.any():
+            pos = int(np.argmax(high))
+            raise ExerciseIdError(
+                where, None, f"{expected} but got exercise id {int(exercises[pos])} at position {pos}{suffix}"
+            )
+    return StudentSequence(exercises.astype(np.int64), responses.astype(np.int64), student)
 
 
 def check_max_len(data_max_len: int, model_max_len: int | None, origin: str = "") -> None:
@@ -243,7 +351,7 @@ def distributed_eval_sampler(dataset: Sized, trainer: L.Trainer | None) -> Unrep
 
 
 class KTDataModule(L.LightningDataModule):
-    """Train/validation/test data for knowledge tracing, from a folder of files or from simulated students.
+    """Train/validation/test data for knowledge tracing, from a folder of files, from memory or simulated students.
 
     With ``data_dir`` the folder holds ``train.csv`` and ``test.csv`` (and optionally folds ``train{K}.csv`` /
     ``valid{K}.csv``) in the three-line format or as long tables. Validation is fold ``K`` when ``fold`` is set,
@@ -254,6 +362,22 @@ class KTDataModule(L.LightningDataModule):
     ``synthetic_students`` for training (minus the validation fraction), half for testing. The simulator gives the
     oracle AUC on the test students (:meth:`oracle_auc`, the best any model can reach from the history) and the
     AUC of the true probabilities (:meth:`true_probability_auc`, an unreachable upper bound).
+
+    With ``sequences`` (from Python; exclusive with ``data_dir``) the students are given in memory, each a
+    :class:`~lit_kt.formats.StudentSequence` or an ``(exercises, responses)`` pair of integer sequences, NumPy arrays
+    or tensors: either a list, the training students (validation is carved by ``val_fraction`` as from ``train.csv``;
+    there is no test split, so ``test`` and ``predict`` raise an error), or a dict ``{"train": [...], "test": [...]}``
+    with an optional ``"val"`` list (used as the validation split as it is: nothing is carved, ``val_fraction`` is
+    ignored). Every student is checked when the module is built, and an error names it by its place in the input,
+    e.g. ``sequences['test'][3]: Expected responses 0 or 1 but got 2 at position 5`` (0-based): lengths that differ,
+    a student without interactions, values that are not integers (floats must be integral), ids below 1 or above
+    ``max_exercise_id`` (or an explicit ``num_exercises``), responses other than 0/1. Nothing is dropped. The
+    sequences are kept in memory, not in the hyperparameters (a checkpoint does not store them).
+
+    ``limit`` keeps the first ``limit`` students of every split read from a file or given in memory (train, test and
+    an explicit validation split: ``valid{K}.csv``, ``sequences["val"]``) and of the simulated training and test
+    students; validation students held out by ``val_fraction`` are carved from the kept training students. Files are
+    read and checked whole before the cut.
 
     Exercise ids: the model embeds ids ``1..num_exercises``. Without an explicit ``num_exercises`` it is the largest
     id of *all* splits (train, validation and test), so that every configuration that ran before still runs; ids
@@ -295,6 +419,17 @@ class KTDataModule(L.LightningDataModule):
         synthetic_exercises: Exercises of the simulated students.
         synthetic_concepts: Latent concepts of the simulated students.
         synthetic_seq_len: Interactions per simulated student.
+        sequences: In-memory students instead of ``data_dir`` (see above): a list of training students, or a dict
+            with ``"train"`` and optionally ``"test"`` and ``"val"`` lists. Each student is a ``StudentSequence`` or an
+            ``(exercises, responses)`` pair. Not stored in the hyperparameters.
+        limit: Use only the first ``limit`` students (>= 1) of each split read or given (see above); ``None`` for
+            all. A split with fewer students is kept whole.
+
+    Raises:
+        ValueError: If an argument is out of range, ``data_dir`` and ``sequences`` are both given, ``fold`` is given
+            with ``sequences``, or an in-memory student is invalid.
+        TypeError: If ``sequences`` or one of its students has the wrong type.
+        ExerciseIdError: If an in-memory exercise id is above ``max_exercise_id`` or an explicit ``num_exercises``.
     """
 
     def __init__(
@@ -320,6 +455,8 @@ class KTDataModule(L.LightningDataModule):
         synthetic_exercises: int = 50,
         synthetic_concepts: int = 5,
         synthetic_seq_len: int = 50,
+        sequences: dict[str, list] | list | None = None,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -332,8 +469,23 @@ class KTDataModule(L.LightningDataModule):
             raise ValueError(f"Expected `num_exercises` to be >= 1 or None but got {num_exercises}.")
         if max_exercise_id < 1:
             raise ValueError(f"Expected `max_exercise_id` to be >= 1 but got {max_exercise_id}.")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"Expected `limit` to be an int >= 1 or None but got {limit!r}.")
+        if sequences is not None and data_dir is not None:
+            raise ValueError(
+                "Expected either `data_dir` (a folder of files) or `sequences` (in-memory students) but got both."
+            )
+        if sequences is not None and fold is not None:
+            raise ValueError(
+                f"Expected `fold` to be None with `sequences` (folds are files of `data_dir`; give a validation split"
+                f" as sequences['val']) but got {fold}."
+            )
         window_spans(1, max_len, eval_stride)  # validates max_len and eval_stride early
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sequences"])
+        # In-memory students by split ("val" only when given), and each split's name in messages.
+        self._memory_names: dict[str, str] = {}
+        self._in_memory = None if sequences is None else self._parse_in_memory(sequences)
+        self._origin: dict[str, list[int]] = {}  # in memory: each student's index in its input list, per split
         self._splits: dict[str, list[StudentSequence]] | None = None
         self._synthetic = None  # the simulated students, when there is no data_dir
         self._num_exercises: int | None = None
@@ -341,6 +493,44 @@ class KTDataModule(L.LightningDataModule):
         self._largest: dict[str, int] = {}  # the largest exercise id of each split
 
     # ------------------------------------------------------------------ loading
+    def _parse_in_memory(self, sequences: Any) -> dict[str, list[StudentSequence]]:
+        """Validates the ``sequences`` argument; returns the students of each split given (see the class docstring)."""
+        if isinstance(sequences, dict):
+            keys = list(sequences)
+            if "train" not in sequences or any(key not in _SPLITS for key in keys):
+                raise ValueError(
+                    "Expected `sequences` as a dict with a 'train' list and optionally 'test' and 'val' lists but got"
+                    f" the keys {keys}."
+                )
+            named = {split: (f"sequences[{split!r}]", sequences[split]) for split in _SPLITS if split in sequences}
+        elif isinstance(sequences, list | tuple):
+            named = {"train": ("sequences", sequences)}
+        else:
+            raise TypeError(
+                "Expected `sequences` to be a list of training students, a dict {'train': [...], 'test': [...],"
+                f" 'val': [...]}} or None but got a {type(sequences).__name__}."
+            )
+        h = self.hparams
+        splits = {}
+        for split, (name, students) in named.items():
+            if not isinstance(students, list | tuple):
+                raise TypeError(
+                    f"Expected `{name}` to be a list of students (StudentSequence or (exercises, responses) pairs) but"
+                    f" got a {type(students).__name__}."
+                )
+            if not students and split != "val":
+                raise ValueError(f"Expected at least one student in `{name}` but got an empty list.")
+            splits[split] = [
+                _in_memory_student(item, f"{name}[{i}]", h.max_exercise_id, h.num_exercises)
+                for i, item in enumerate(students)
+            ]
+            self._memory_names[split] = name
+        return splits
+
+    def _limit(self, students: list) -> list:
+        """The first ``limit`` students (all of them when ``limit`` is None)."""
+        return students if self.hparams.limit is None else students[: self.hparams.limit]
+
     def _read(self, name: str) -> list[StudentSequence]:
         path = Path(self.hparams.data_dir) / name
         if not path.is_file():
@@ -394,7 +584,7 @@ class KTDataModule(L.LightningDataModule):
         if self._splits is not None:
             return self._splits
         h = self.hparams
-        if h.data_dir is None:
+        if h.data_dir is None and self._in_memory is None:
             from lit_kt.synthetic import generate_students
 
             sim = generate_students(
@@ -405,18 +595,30 @@ class KTDataModule(L.LightningDataModule):
                 seed=h.seed,
             )
             half = h.synthetic_students // 2
-            train, test = sim.sequences[half:], sim.sequences[:half]
+            train, test = self._limit(sim.sequences[half:]), self._limit(sim.sequences[:half])  # test first
             self._synthetic = sim
             train, val = self._split_off_validation(train)
             self._sources = {"train": None, "val": None, "test": None}
+        elif self._in_memory is not None:
+            memory = self._in_memory
+            train, test = self._limit(memory["train"]), self._limit(memory.get("test", []))
+            self._origin = {"train": list(range(len(train))), "test": list(range(len(test)))}
+            if "val" in memory:
+                val = self._limit(memory["val"])
+                self._origin["val"] = list(range(len(val)))
+            else:  # carve the indices, so that messages can name a validation student by its training index
+                kept, held = self._split_off_validation(self._origin["train"])
+                train, val = [train[i] for i in kept], [train[i] for i in held]
+                self._origin.update(train=kept, val=held)
+            self._sources = {"train": None, "val": None, "test": None}
         elif h.fold is not None:
-            train, val = self._read(f"train{h.fold}.csv"), self._read(f"valid{h.fold}.csv")
-            test = self._read("test.csv")
+            train = self._limit(self._read(f"train{h.fold}.csv"))
+            val, test = self._limit(self._read(f"valid{h.fold}.csv")), self._limit(self._read("test.csv"))
             root = Path(h.data_dir)
             self._sources = {"train": root / f"train{h.fold}.csv", "val": root / f"valid{h.fold}.csv"}
             self._sources["test"] = root / "test.csv"
         else:
-            train, test = self._read("train.csv"), self._read("test.csv")
+            train, test = self._limit(self._read("train.csv")), self._limit(self._read("test.csv"))
             train, val = self._split_off_validation(train)
             root = Path(h.data_dir)
             self._sources = {"train": root / "train.csv", "val": root / "train.csv", "test": root / "test.csv"}
@@ -424,7 +626,8 @@ class KTDataModule(L.LightningDataModule):
         self._largest = {name: max((int(s.exercises.max()) for s in seqs), default=0) for name, seqs in splits.items()}
         # An explicit num_exercises was checked against every file as it was read (`_read`); simulated ids here.
         worst = max(self._largest, key=self._largest.get)
-        if h.data_dir is None and h.num_exercises is not None and self._largest[worst] > h.num_exercises:
+        simulated = h.data_dir is None and self._in_memory is None  # in-memory ids were checked in __init__
+        if simulated and h.num_exercises is not None and self._largest[worst] > h.num_exercises:
             raise ValueError(
                 f"Expected `num_exercises` to be >= the largest exercise id in the data ({self._largest[worst]}, in"
                 f" {self._describe(worst)}) but got {h.num_exercises}."
@@ -436,6 +639,10 @@ class KTDataModule(L.LightningDataModule):
 
     def _describe(self, split: str) -> str:
         """Where a split's students come from, for messages."""
+        if self._in_memory is not None:
+            if split not in self._in_memory:
+                return f"the validation students held out from `{self._memory_names['train']}`"
+            return f"`{self._memory_names[split]}`"
         source = self._sources.get(split)
         if source is None:
             return f"the simulated {'validation' if split == 'val' else split} students"
@@ -505,6 +712,8 @@ class KTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = self._load()
         h = self.hparams
+        if stage in ("test", "predict"):
+            self._require_test(stage)
         self._check_model(stage)
         self.train_set = KTDataset(splits["train"], h.max_len)
         self.val_set = KTDataset(splits["val"], h.max_len, h.eval_stride)
@@ -532,9 +741,33 @@ class KTDataModule(L.LightningDataModule):
                 f" 1..num_exercises) in {self._describe(split)}"
             )
             source = self._sources.get(split)
+            if source is None and self._in_memory is not None:
+                self._raise_in_memory_above(split, num_exercises, expected)
             if source is None:
                 raise ValueError(f"{expected} but got exercise id {self._largest[split]}.")
             self._raise_id_above(source, num_exercises, expected)
+
+    def _raise_in_memory_above(self, split: str, bound: int, expected: str) -> None:
+        """Raises an :class:`ExerciseIdError` naming the first in-memory student of ``split`` with an id above
+        ``bound`` by its index in the input (e.g. ``sequences['train'][7]``) and the position of the id."""
+        name = self._memory_names[split if split in self._in_memory else "train"]
+        for j, student in enumerate(self._splits[split]):
+            high = student.exercises > bound
+            if high.any():
+                pos = int(np.argmax(high))
+                raise ExerciseIdError(
+                    f"{name}[{self._origin[split][j]}]",
+                    None,
+                    f"{expected} but got exercise id {int(student.exercises[pos])} at position {pos}",
+                )
+
+    def _require_test(self, stage: str) -> None:
+        """Raises a ValueError when in-memory data without a test split are asked for the test students."""
+        if self._in_memory is not None and "test" not in self._in_memory:
+            raise ValueError(
+                f"Expected test students for `{stage}` but `sequences` has none: pass a dict"
+                " {'train': [...], 'test': [...]} to test or predict."
+            )
 
     def _sampler(self, dataset: KTDataset, train: bool) -> Sampler | None:
         if not train:
@@ -567,7 +800,9 @@ class KTDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False) if len(self.val_set) else []
 
     def test_dataloader(self) -> DataLoader:
+        self._require_test("test")
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
+        self._require_test("predict")
         return self._loader(self.test_set, train=False)

@@ -164,3 +164,92 @@ def reliability_diagram(
     ax.set_title(title or f"Reliability, {n_bins} equal-width bins\nECE " + ", ".join(eces), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def mastery_heatmap(
+    probs: Any,
+    exercises: Sequence[int],
+    responses: Sequence[int],
+    concepts: Sequence[int] | None = None,
+    ax: Any = None,
+    concept_names: Sequence[str] | dict[int, str] | None = None,
+    title: str | None = None,
+):
+    """Heatmap of one student's mastery over time: concepts (rows) × interactions (columns).
+
+    The colour of cell ``(c, t)`` is the predicted probability of answering concept ``c`` correctly right after
+    interaction ``t`` (see :func:`lit_kt.mastery`). The concept practised at step ``t`` is marked on its row: a white
+    circle when the student answered it correctly, a black cross when wrongly (steps on concepts outside ``concepts``
+    are not marked).
+
+    Args:
+        probs: (L, C) probabilities (array-like or tensor), as returned by :func:`lit_kt.mastery`.
+        exercises: The student's L exercise (concept) ids, oldest first.
+        responses: Their 0/1 responses.
+        concepts: The C concept ids of the columns of ``probs``; ``None`` is ``1..C``.
+        ax: A matplotlib ``Axes`` to draw on; ``None`` makes a new figure.
+        concept_names: Row labels: a sequence of C names, or a ``{concept id: name}`` mapping (ids missing from it
+            keep their number); ``None`` labels rows by id.
+        title: Title; a default says what is shown.
+
+    Returns:
+        The matplotlib ``Figure`` (made without pyplot when ``ax`` is ``None``: save it with ``fig.savefig``).
+
+    Raises:
+        ValueError: If ``probs`` is not 2-D or holds values outside ``[0, 1]``, or the lengths of ``exercises``,
+            ``responses``, ``concepts`` or ``concept_names`` do not match it.
+    """
+    from matplotlib.figure import Figure  # no pyplot: the figure belongs to no backend or global state
+
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    if p.ndim != 2:
+        raise ValueError(f"Expected `probs` to be a 2-D (L, C) array but got shape {tuple(p.shape)}.")
+    L, C = p.shape  # (L, C)
+    if L and not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError("Expected `probs` to hold probabilities in [0, 1].")
+    ex, resp = [int(e) for e in exercises], [int(r) for r in responses]
+    if len(ex) != L or len(resp) != L:
+        raise ValueError(
+            f"Expected `exercises` and `responses` to have L = {L} entries (the rows of `probs`) but got"
+            f" {len(ex)} and {len(resp)}."
+        )
+    ids = list(range(1, C + 1)) if concepts is None else [int(c) for c in concepts]
+    if len(ids) != C:
+        raise ValueError(f"Expected `concepts` to have C = {C} ids (the columns of `probs`) but got {len(ids)}.")
+    if concept_names is None:
+        labels = [str(c) for c in ids]
+    elif isinstance(concept_names, dict):
+        labels = [str(concept_names.get(c, c)) for c in ids]
+    else:
+        labels = [str(n) for n in concept_names]
+        if len(labels) != C:
+            raise ValueError(f"Expected `concept_names` to have C = {C} names but got {len(labels)}.")
+    if ax is None:
+        fig = Figure(figsize=(max(5.0, 0.18 * L + 3), max(3.0, 0.28 * C + 1.5)))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    im = ax.imshow(p.T.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")  # (C, L)
+    row = {c: i for i, c in enumerate(ids)}
+    marks = (
+        (1, {"marker": "o", "facecolors": "none", "edgecolors": "white"}, "answered correctly"),
+        (0, {"marker": "x", "color": "black"}, "answered wrongly"),
+    )
+    for correct, style, label in marks:
+        steps = [t for t in range(L) if resp[t] == correct and ex[t] in row]
+        if steps:
+            ax.scatter(steps, [row[ex[t]] for t in steps], s=30, linewidths=1.2, label=label, **style)
+    ax.set_yticks(range(C), labels, fontsize=7)
+    step = max(1, L // 25)
+    ax.set_xticks(range(0, L, step), [str(t) for t in range(0, L, step)], fontsize=7)
+    ax.set_xlim(-0.5, L - 0.5)
+    ax.set_ylim(C - 0.5, -0.5)
+    ax.set_xlabel("interaction t (mastery given interactions 0..t)")
+    ax.set_ylabel("concept")
+    if ax.get_legend_handles_labels()[0]:
+        legend = ax.legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=2, fontsize=7, facecolor="lightgrey")
+        legend.get_frame().set_alpha(1.0)
+    ax.set_title(title or "Predicted probability of a correct answer per concept over time", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="P(correct)")
+    fig.tight_layout()
+    return fig
