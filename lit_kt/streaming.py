@@ -16,10 +16,11 @@ rounding (tested to 1e-5).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lit_kt.models.sakt import SAKT
@@ -27,6 +28,10 @@ from lit_kt.models.sakt import SAKT
 
 class SAKTStream:
     """One student's SAKT state, updated one interaction at a time.
+
+    The stream caches keys and values computed from the model's weights when it is built (or last refreshed).
+    Changing the weights afterwards (training, ``load_state_dict``) makes the cache stale: the next ``append`` or
+    ``predict`` raises, and :meth:`refresh` recomputes the cache from the stored history.
 
     Args:
         model: A trained SAKT model, or a module holding one in ``.model`` (a :class:`~lit_kt.KTModule`); it is put
@@ -64,20 +69,10 @@ class SAKTStream:
                 f"Expected `exercises` and `responses` of the same length but got {len(exercises)} and "
                 f"{len(responses)}."
             )
-        self.model = model.eval()
+        self.model = model
         self.window = model.max_len - 1  # past interactions a prediction can see
-        p = next(model.parameters())
-        with torch.no_grad():
-            pos = model.position_emb.weight  # (max_len, D)
-            # Per block: W @ pos + b for every position, and W @ start for the start token.
-            self._pos_kv = [block.kv_proj(pos) for block in model.blocks]  # each (max_len, 2D)
-            self._start_kv = [model.start @ block.kv_proj.weight.T for block in model.blocks]  # each (2D,)
-        # A buffer twice the window long: appending is a write; sliding is rare and amortised O(1) per append.
-        self._buffer = [
-            p.new_zeros(2 * max(self.window, 1), 2 * model.blocks[0].q_proj.in_features) for _ in model.blocks
-        ]
-        self._begin = 0
-        self._size = 0
+        self._history: deque[tuple[int, int]] = deque(maxlen=max(self.window, 0))  # (exercise, response) in window
+        self._build_cache()
         for e, r in zip(exercises, responses):
             self.append(e, r)
 
@@ -88,58 +83,81 @@ class SAKTStream:
     def reset(self) -> None:
         """Forget the history."""
         self._begin = self._size = 0
+        self._history.clear()
+
+    def refresh(self) -> None:
+        """Recompute the cache from the current weights and the stored history (call it after changing the weights).
+
+        The model is put back in eval mode.
+        """
+        history = list(self._history)
+        self._build_cache()
+        for e, r in history:
+            self.append(e, r)
 
     @torch.no_grad()
     def append(self, exercise: int, response: int) -> None:
         """Add one answered exercise to the history.
 
         Raises:
+            TypeError: If ``exercise`` is not an integer.
             ValueError: If the id is not in 1..num_exercises or the response is not 0/1.
+            RuntimeError: If the model's weights changed since the stream was built or refreshed.
         """
-        self._check_ids([exercise], "exercise")
+        exercise = self._check_ids([exercise], "exercise", scalar=True)[0]
         if response not in (0, 1):
             raise ValueError(f"Expected `response` to be 0 or 1 but got {response!r}.")
+        self._check_weights()
+        response = int(response)
         if self.window == 0:
             return
         m = self.model
-        emb = m.interaction_emb.weight[int(exercise) + m.num_exercises * int(response)]  # (D,)
+        emb = m.interaction_emb.weight[exercise + m.num_exercises * response]  # (D,)
         if self._size == self.window:  # the oldest interaction leaves the window
             self._begin += 1
             self._size -= 1
-        if self._begin + self._size == len(self._buffer[0]):  # slide the window to the front of the buffer
-            for buf in self._buffer:
+        if self._begin + self._size == len(self._keys[0]):  # slide the window to the front of the buffers
+            for buf in (*self._keys, *self._values):
                 buf[: self._size] = buf[self._begin : self._begin + self._size].clone()
             self._begin = 0
-        for block, buf in zip(m.blocks, self._buffer):
-            buf[self._begin + self._size] = emb @ block.kv_proj.weight.T  # (2D,) without bias: it is in _pos_kv
+        for block, keys, values in zip(m.blocks, self._keys, self._values):
+            # Without the bias: it is in the position part of the cache.
+            keys[self._begin + self._size], values[self._begin + self._size] = block.project_kv(emb, bias=False)
         self._size += 1
+        self._history.append((exercise, response))
 
     @torch.no_grad()
     def predict(self, candidates: int | Sequence[int]) -> Tensor:
         """Probability of a correct answer on each candidate next exercise, given the history so far.
 
+        Args:
+            candidates: One exercise id or an iterable of them (integers in 1..num_exercises; NumPy integers and
+                integer tensors are accepted).
+
         Returns:
             (C,) probabilities in the order given.
+
+        Raises:
+            TypeError: If a candidate is not an integer (``2.9`` is refused, not rounded).
+            ValueError: If there is no candidate or an id is out of range.
+            RuntimeError: If the model's weights changed since the stream was built or refreshed.
         """
-        cand = [candidates] if isinstance(candidates, numbers.Integral) else [int(c) for c in candidates]
+        scalar = _is_integer(candidates) or not isinstance(candidates, Iterable) or getattr(candidates, "ndim", 1) == 0
+        cand = self._check_ids([candidates] if scalar else list(candidates), "candidates", scalar=scalar)
         if not cand:
             raise ValueError("Expected at least one id in `candidates` but got none.")
-        self._check_ids(cand, "candidates")
+        self._check_weights()
         m = self.model
         n = self._size
         x = m.exercise_emb.weight[torch.tensor(cand, device=m.start.device)]  # (C, D)
-        C, D = x.shape
-        for block, buf, pos_kv, start_kv in zip(m.blocks, self._buffer, self._pos_kv, self._start_kv):
-            H = block.num_heads
-            past = buf[self._begin : self._begin + n]  # (n, 2D)
-            kv = torch.cat([start_kv.unsqueeze(0), past], dim=0) + pos_kv[: n + 1]  # (n + 1, 2D)
-            k, v = kv.view(n + 1, 2, H, D // H).permute(1, 2, 0, 3)  # 2 x (H, n + 1, D/H)
-            q = block.q_proj(x).view(C, H, D // H).transpose(0, 1)  # (H, C, D/H)
-            # The candidate sits at position n: causality lets it see every key 0..n, so no mask is needed.
-            attn = F.scaled_dot_product_attention(q, k, v)  # (H, C, D/H)
-            attn = block.out_proj(attn.transpose(0, 1).reshape(C, D))  # (C, D)
-            x = block.attn_norm(x + attn)
-            x = block.ffn_norm(x + block.ffn(x))
+        for block, keys, values, (pos_k, pos_v), (start_k, start_v) in zip(
+            m.blocks, self._keys, self._values, self._pos_kv, self._start_kv
+        ):
+            k = torch.cat([start_k[None], keys[self._begin : self._begin + n]]) + pos_k[: n + 1]  # (n + 1, D)
+            v = torch.cat([start_v[None], values[self._begin : self._begin + n]]) + pos_v[: n + 1]  # (n + 1, D)
+            # The candidates sit at position n: causality lets each see every key 0..n, so no mask is needed.
+            attn, _ = block.attend(block.project_q(x), k, v, causal=False)  # (C, H, D/H)
+            x = block.finish(x, attn)  # (C, D)
         return torch.sigmoid(m.head(x).squeeze(-1).float() / self.temperature).cpu()  # (C,)
 
     def step(self, exercise: int, response: int, candidates: int | Sequence[int]) -> Tensor:
@@ -147,10 +165,46 @@ class SAKTStream:
         self.append(exercise, response)
         return self.predict(candidates)
 
-    def _check_ids(self, ids: Sequence[int], name: str) -> None:
+    @torch.no_grad()
+    def _build_cache(self) -> None:
+        """Compute the per-model parts of the cache, empty the history buffers and record the weights' versions."""
+        m = self.model.eval()
+        # Per block: W @ pos + b for every position, and W @ start for the start token.
+        self._pos_kv = [block.project_kv(m.position_emb.weight) for block in m.blocks]  # each 2 x (max_len, D)
+        self._start_kv = [block.project_kv(m.start, bias=False) for block in m.blocks]  # each 2 x (D,)
+        # Buffers twice the window long: appending is a write; sliding is rare and amortised O(1) per append.
+        rows, D = 2 * max(self.window, 1), m.start.shape[-1]
+        self._keys = [m.start.new_zeros(rows, D) for _ in m.blocks]  # W_k @ emb per interaction
+        self._values = [m.start.new_zeros(rows, D) for _ in m.blocks]  # W_v @ emb per interaction
+        self._begin = self._size = 0
+        self._history.clear()
+        self._versions = self._weight_versions()
+
+    def _weight_versions(self) -> list[tuple[int, int]]:
+        # In-place updates (optimizer steps, load_state_dict) bump a tensor's version; replacing a parameter changes
+        # its id. Either makes the cache stale.
+        return [(id(p), p._version) for p in self.model.parameters()]
+
+    def _check_weights(self) -> None:
+        if self.model.training or self._weight_versions() != self._versions:
+            raise RuntimeError(
+                "The model's weights changed (or it was put in training mode) after this SAKTStream was built; "
+                "its cached keys and values are stale. Call `stream.refresh()` to recompute them from the history."
+            )
+
+    def _check_ids(self, ids: Sequence[object], name: str, scalar: bool = False) -> list[int]:
         n = self.model.num_exercises
         for i, e in enumerate(ids):
-            if not isinstance(e, numbers.Integral) or isinstance(e, bool) or not 1 <= e <= n:
-                raise ValueError(
-                    f"Expected `{name}` ids between 1 and num_exercises ({n}) but got {e!r} at position {i}."
-                )
+            where = "" if scalar else f" at position {i}"
+            if not _is_integer(e):
+                raise TypeError(f"Expected `{name}` to hold integer exercise ids but got {e!r}{where}.")
+            if not 1 <= int(e) <= n:
+                raise ValueError(f"Expected `{name}` ids between 1 and num_exercises ({n}) but got {e!r}{where}.")
+        return [int(e) for e in ids]
+
+
+def _is_integer(value: object) -> bool:
+    """Whether ``value`` is one integer: a Python/NumPy integer or a one-element integer tensor (not a bool)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

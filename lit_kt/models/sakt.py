@@ -53,31 +53,96 @@ class SAKTBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(d_model)
         self.drop = FastDropout(dropout)
 
+    def project_q(self, query: Tensor) -> Tensor:
+        """Project hidden states (..., D) to attention queries (..., D), heads not yet split."""
+        return self.q_proj(query)
+
+    def project_kv(self, interactions: Tensor, bias: bool = True) -> tuple[Tensor, Tensor]:
+        """Project interaction embeddings (..., D) to keys and values, each (..., D), heads not yet split.
+
+        Keys and values come from the two halves of ``kv_proj``, each computed on its own: splitting one (..., 2D)
+        projection would cost a copy of each half wherever a contiguous tensor is needed.
+
+        Args:
+            interactions: (..., D) interaction plus position embeddings.
+            bias: Add the projection's bias. The projection is affine, so a caller may project the parts of a sum
+                on their own (:class:`~lit_kt.streaming.SAKTStream` caches interactions and positions apart) and
+                add the bias with one part only.
+        """
+        D = interactions.shape[-1]
+        weight, b = self.kv_proj.weight, self.kv_proj.bias
+        k = F.linear(interactions, weight[:D], b[:D] if bias else None)  # (..., D)
+        v = F.linear(interactions, weight[D:], b[D:] if bias else None)  # (..., D)
+        return k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool = True,
+        need_weights: bool = False,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Multi-head attention of projected queries over projected keys and values, before ``out_proj``.
+
+        Args:
+            q: (..., Lq, D) from :meth:`project_q`.
+            k: (..., Lk, D) from :meth:`project_kv`.
+            v: (..., Lk, D) likewise.
+            causal: Query ``t`` sees keys ``<= t`` only (needs ``Lq == Lk``); ``False``: every query sees every key.
+            need_weights: Also return the attention weights, (..., H, Lq, Lk).
+            lengths: (B,) with ``causal``: positions from ``lengths[b]`` on are padding that no earlier position
+                needs; the attention may skip them (their outputs are then unspecified).
+
+        Returns:
+            The attention output (..., Lq, H, D/H), heads not yet merged (a caller may select rows before the merge
+            copies them), and the weights or ``None``.
+        """
+        D = q.shape[-1]
+        H = self.num_heads
+        q, k, v = (t.unflatten(-1, (H, D // H)).transpose(-3, -2) for t in (q, k, v))  # (..., H, L, D/H)
+        weights = None
+        explicit = need_weights or (not causal and self.training and self.attention_dropout > 0)
+        if explicit:
+            # The explicit path exposes the weights (and keeps dropout masks from fast_dropout); training with the
+            # causal mask uses causal_attention's fast paths.
+            scores = (q * (D // H) ** -0.5) @ k.transpose(-2, -1)  # (..., H, Lq, Lk)
+            if causal:
+                L = scores.shape[-1]
+                scores = scores.masked_fill_(torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1), -torch.inf)
+            weights = scores.softmax(dim=-1)  # (..., H, Lq, Lk)
+            attn = fast_dropout(weights, self.attention_dropout, self.training) @ v  # (..., H, Lq, D/H)
+        elif causal:
+            attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (..., H, Lq, D/H)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v)  # (..., H, Lq, D/H)
+        return attn.transpose(-3, -2), (weights if need_weights else None)  # (..., Lq, H, D/H)
+
+    def finish(self, query: Tensor, attended: Tensor) -> Tensor:
+        """Output projection, residual + layer norm, feed-forward, residual + layer norm.
+
+        Args:
+            query: (..., D) the block's input hidden states.
+            attended: (..., H, D/H) the rows of :meth:`attend`'s output for the same positions.
+
+        Returns:
+            (..., D) the block's output.
+        """
+        x = self.attn_norm(query + self.drop(self.out_proj(attended.flatten(-2))))  # (..., D)
+        return self.ffn_norm(x + self.drop(self.ffn(x)))  # (..., D)
+
     def forward(
         self, query: Tensor, interactions: Tensor, need_weights: bool = False, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` (B, L, D) to ``interactions`` (B, L, D); returns the output and, if asked, weights.
 
         ``lengths`` (B,): positions from ``lengths[b]`` on are padding that no earlier position needs; the attention
-        may skip them (their outputs are then unspecified).
+        may skip them (their outputs are then unspecified). Weights are (B, H, L, L).
         """
-        B, L, D = query.shape
-        H = self.num_heads
-        q = self.q_proj(query).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
-        k, v = self.kv_proj(interactions).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, D/H)
-        weights = None
-        if need_weights:
-            # The explicit path exists only to expose the weights; training uses causal_attention's fast paths.
-            scores = (q * (D // H) ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, L)
-            causal = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
-            weights = scores.masked_fill_(causal, float("-inf")).softmax(dim=-1)  # (B, H, L, L)
-            attn = fast_dropout(weights, self.attention_dropout, self.training) @ v  # (B, H, L, D/H)
-        else:
-            attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (B, H, L, D/H)
-        attn = self.out_proj(attn.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
-        x = self.attn_norm(query + self.drop(attn))
-        x = self.ffn_norm(x + self.drop(self.ffn(x)))
-        return x, weights
+        k, v = self.project_kv(interactions)  # 2 x (B, L, D)
+        attn, weights = self.attend(self.project_q(query), k, v, need_weights=need_weights, lengths=lengths)
+        return self.finish(query, attn), weights  # (B, L, D)
 
     def forward_packed(self, query: Tensor, interactions: Tensor, real: Tensor, lengths: Tensor) -> Tensor:
         """:meth:`forward` on the real positions only: the position-wise layers skip the padding.
@@ -92,22 +157,14 @@ class SAKTBlock(nn.Module):
             (N, D), the rows of :meth:`forward`'s output at the real positions.
         """
         B, L = real.shape
-        N, D = query.shape
-        H = self.num_heads
+        D = query.shape[-1]
 
-        def heads(rows: Tensor) -> Tensor:  # (N, D) -> (B, H, L, D/H) view, 0 at padding
-            return rows.new_zeros(B, L, D).index_put_((real,), rows).view(B, L, H, D // H).transpose(1, 2)
+        def padded(rows: Tensor) -> Tensor:  # (N, D) -> (B, L, D), 0 at padding
+            return rows.new_zeros(B, L, D).index_put_((real,), rows)
 
-        q = heads(self.q_proj(query))  # (B, H, L, D/H)
-        # Keys and values from the two halves of kv_proj, each scattered on its own: splitting one (B, L, 2D)
-        # projection costs a copy each way.
-        weight, bias = self.kv_proj.weight, self.kv_proj.bias
-        k = heads(F.linear(interactions, weight[:D], bias[:D]))  # (B, H, L, D/H)
-        v = heads(F.linear(interactions, weight[D:], bias[D:]))  # (B, H, L, D/H)
-        attn = causal_attention(q, k, v, self.attention_dropout, self.training, lengths)  # (B, H, L, D/H)
-        attn = self.out_proj(attn.transpose(1, 2)[real].reshape(N, D))  # (N, D)
-        x = self.attn_norm(query + self.drop(attn))
-        return self.ffn_norm(x + self.drop(self.ffn(x)))  # (N, D)
+        k, v = self.project_kv(interactions)  # 2 x (N, D)
+        attn, _ = self.attend(padded(self.project_q(query)), padded(k), padded(v), lengths=lengths)  # (B, L, H, D/H)
+        return self.finish(query, attn[real])  # (N, D)
 
 
 class SAKT(nn.Module):
