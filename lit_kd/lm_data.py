@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd._files import distributed_eval_sampler
+from lit_kd.adaptors import IGNORE_INDEX
 from lit_kd.data import read_unlabelled_text
 from lit_kd.students import resolve_name_or_path
 
@@ -35,9 +36,6 @@ __all__ = [
     "TokenizedSentences",
     "collate_lm",
 ]
-
-IGNORE_INDEX = -100
-"""The label of padded positions: ``F.cross_entropy``'s default ``ignore_index``."""
 
 Split = Literal["train", "val", "test"]
 
@@ -148,6 +146,8 @@ class LanguageModelingDataModule(L.LightningDataModule):
         add_special_tokens: Let the tokenizer add its special tokens (begin/end of sentence).
         group_by_length: Draw training batches of similar lengths (:class:`LengthGroupedBatchSampler`): far less
             padding, so faster steps, at the cost of batches less mixed in length; False for plain shuffling.
+            Single-process only: under DDP Lightning cannot shard a custom batch sampler, so it is refused there
+            rather than letting every process train on the same batches.
 
     Raises:
         TypeError: If ``data_dir`` is not a path.
@@ -288,6 +288,12 @@ class LanguageModelingDataModule(L.LightningDataModule):
             "persistent_workers": h.num_workers > 0,
         }
         if split == "train" and h.group_by_length:
+            world_size = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+            if world_size > 1:
+                raise ValueError(
+                    f"Expected `group_by_length` to be False with several processes (world size {world_size}): its "
+                    "batch sampler is not sharded across processes, so each would train on the same batches."
+                )
             lengths = [len(ids) for ids in dataset.input_ids]
             return DataLoader(dataset, batch_sampler=LengthGroupedBatchSampler(lengths, h.batch_size), **common)
         return DataLoader(

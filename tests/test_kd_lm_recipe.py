@@ -117,6 +117,19 @@ def test_length_grouped_batches_use_every_index_once_and_pad_little():
 
 
 # ------------------------------------------------------------------------------------------------ module
+def test_length_grouped_batches_are_refused_under_several_processes(tmp_path):
+    """The custom batch sampler is not sharded: under DDP every process would train on the same batches."""
+    from types import SimpleNamespace
+
+    dm = LanguageModelingDataModule(str(write_sst2(tmp_path)), max_length=8, batch_size=6, group_by_length=True)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="`group_by_length` to be False with several processes \\(world size 2\\)"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(world_size=1)
+    assert sum(len(b["index"]) for b in dm.train_dataloader()) == 24
+
+
 def test_val_ppl_is_exp_of_the_mean_cross_entropy_over_real_shifted_tokens():
     model = tiny_gpt2().eval()
     module = CausalLMModule(model).eval()
