@@ -60,8 +60,8 @@ class SAKTBlock(nn.Module):
     def project_kv(self, interactions: Tensor, bias: bool = True) -> tuple[Tensor, Tensor]:
         """Project interaction embeddings (..., D) to keys and values, each (..., D), heads not yet split.
 
-        Keys and values come from the two halves of ``kv_proj``, each computed on its own: splitting one (..., 2D)
-        projection would cost a copy of each half wherever a contiguous tensor is needed.
+        One ``kv_proj`` product (one matrix multiply, not one per half); keys and values are views of its two halves
+        (strided: callers that need contiguous rows copy them anyway, e.g. the packed path's scatter).
 
         Args:
             interactions: (..., D) interaction plus position embeddings.
@@ -69,10 +69,8 @@ class SAKTBlock(nn.Module):
                 on their own (:class:`~lit_kt.streaming.SAKTStream` caches interactions and positions apart) and
                 add the bias with one part only.
         """
-        D = interactions.shape[-1]
-        weight, b = self.kv_proj.weight, self.kv_proj.bias
-        k = F.linear(interactions, weight[:D], b[:D] if bias else None)  # (..., D)
-        v = F.linear(interactions, weight[D:], b[D:] if bias else None)  # (..., D)
+        kv = F.linear(interactions, self.kv_proj.weight, self.kv_proj.bias if bias else None)  # (..., 2D)
+        k, v = kv.chunk(2, dim=-1)  # 2 x (..., D)
         return k, v
 
     def attend(
