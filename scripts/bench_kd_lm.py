@@ -23,9 +23,13 @@ Steps:
 Batches group sentences of similar lengths (:class:`lit_kd.lm_data.LengthGroupedBatchSampler`): SST-2's training
 phrases average 13 tokens, and with random batches most of each step would be padding through a 30522-word softmax.
 
-Prints and writes (``--json``): ``teacher_ppl``, ``student_ppl_no_kd``, ``student_ppl_kd``, ``kd_ppl_reduction``
-(``1 - kd / no_kd``), ``steps``, ``kd_step_s`` and ``student_step_s`` (mean seconds per training step, the first
-``--timing-warmup`` left out), ``seconds`` (the whole run) and the settings. ``--threads`` defaults to 1 (see
+Steps 2-3 run once per student seed (``--seeds``, default 3: ``--seed`` .. ``--seed + N - 1``; the teacher is
+trained once, with ``--seed``). Prints and writes (``--json``): ``teacher_ppl``, ``student_ppl_no_kd``,
+``student_ppl_kd`` (means over the seeds), ``kd_ppl_reduction`` (the mean of ``1 - kd / no_kd`` over the seeds), the
+per-seed lists ``student_ppl_no_kd_seeds``, ``student_ppl_kd_seeds``, ``kd_ppl_reduction_seeds``, the reduction's
+standard deviation and standard error (``kd_ppl_reduction_std``, ``kd_ppl_reduction_se``), ``steps``,
+``kd_step_s`` and ``student_step_s`` (mean seconds per training step, the first ``--timing-warmup`` left out),
+``seconds`` (the whole run) and the settings. ``--threads`` defaults to 1 (see
 ``scripts/bench_kd.py``: on a small shared CPU one thread is much faster than two).
 """
 
@@ -36,6 +40,7 @@ import copy
 import hashlib
 import json
 import logging
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -221,10 +226,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hard-label-weight", type=float, default=0.5)
     p.add_argument("--log-every", type=int, default=20, help="print the training loss every N steps")
     p.add_argument("--timing-warmup", type=int, default=3, help="steps left out of the step timings")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="the teacher's seed and the first student seed")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="student seeds --seed .. --seed + N - 1 (the teacher is trained once)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 for torch's choice")
     a = p.parse_args(argv)
-    for name in ("max_length", "batch_size", "eval_batch_size", "group_pool", "teacher_steps", "steps", "log_every"):
+    for name in (
+        "max_length",
+        "batch_size",
+        "eval_batch_size",
+        "group_pool",
+        "teacher_steps",
+        "steps",
+        "log_every",
+        "seeds",
+    ):
         if getattr(a, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be >= 1 but got {getattr(a, name)}.")
     for name in ("carve_dev", "timing_warmup", "threads"):
@@ -233,6 +250,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.kd_loss not in KDLossType.__args__:
         p.error(f"Expected `--kd-loss` to be one of {KDLossType.__args__} (this lit_kd) but got {a.kd_loss!r}.")
     return a
+
+
+def student_init(a: argparse.Namespace, seed: int) -> nn.Module:
+    """The student's fresh weights for one seed (``seed + 1``, as the batches: the teacher used ``--seed``)."""
+    L.seed_everything(seed + 1, verbose=False)
+    return gpt2_lm(
+        tokenizer=a.tokenizer,
+        n_layer=a.student_layers,
+        n_embd=a.student_width,
+        n_head=a.student_heads,
+        n_positions=a.max_length,
+        dropout=0.0,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,48 +287,57 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_ppl = dev_ppl(teacher, data)
     print(f"[teacher] dev ppl {teacher_ppl:.2f}", flush=True)
 
-    L.seed_everything(a.seed + 1, verbose=False)  # the student's fresh weights
-    init = gpt2_lm(
-        tokenizer=a.tokenizer,
-        n_layer=a.student_layers,
-        n_embd=a.student_width,
-        n_head=a.student_heads,
-        n_positions=a.max_length,
-        dropout=0.0,
-    )
-    ppl, timers = {}, {}
-    for name in ("no_kd", "kd"):
-        student = copy.deepcopy(init)  # both runs start from the same weights
-        optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
-        if name == "kd":
-            config = DistillationConfig(
-                kd_loss_type=a.kd_loss,
-                temperature=a.temperature,
-                kd_loss_weight=a.kd_weight,
-                hard_label_weight=a.hard_label_weight,
-            )
-            module = DistillationModule(
-                teacher, student, config, optimizer=optimizer, lr_scheduler=schedule, task_type="causal_lm"
-            )
-        else:
-            module = CausalLMModule(student, optimizer=optimizer, lr_scheduler=schedule)
-        timers[name] = fit(f"student {name}", module, data, a.steps, a, a.seed + 1)
-        ppl[name] = dev_ppl(student, data)
-        print(f"[student {name}] dev ppl {ppl[name]:.2f}", flush=True)
+    ppl = {"no_kd": [], "kd": []}
+    timers = {"no_kd": [], "kd": []}
+    same_batches = True
+    for seed in range(a.seed, a.seed + a.seeds):
+        init = student_init(a, seed)
+        indices = None
+        for name in ("no_kd", "kd"):
+            student = copy.deepcopy(init)  # both runs of a seed start from the same weights
+            optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
+            if name == "kd":
+                config = DistillationConfig(
+                    kd_loss_type=a.kd_loss,
+                    temperature=a.temperature,
+                    kd_loss_weight=a.kd_weight,
+                    hard_label_weight=a.hard_label_weight,
+                )
+                module = DistillationModule(
+                    teacher, student, config, optimizer=optimizer, lr_scheduler=schedule, task_type="causal_lm"
+                )
+            else:
+                module = CausalLMModule(student, optimizer=optimizer, lr_scheduler=schedule)
+            timer = fit(f"student {name} seed {seed}", module, data, a.steps, a, seed + 1)
+            timers[name].append(timer.mean)
+            digest = timer.indices.hexdigest()
+            same_batches &= indices is None or digest == indices
+            indices = digest
+            ppl[name].append(dev_ppl(student, data))
+            print(f"[student {name} seed {seed}] dev ppl {ppl[name][-1]:.2f}", flush=True)
 
+    reductions = [1 - kd / no_kd for kd, no_kd in zip(ppl["kd"], ppl["no_kd"])]
     result = {
         "teacher_ppl": round(teacher_ppl, 3),
-        "student_ppl_no_kd": round(ppl["no_kd"], 3),
-        "student_ppl_kd": round(ppl["kd"], 3),
-        "kd_ppl_reduction": round(1 - ppl["kd"] / ppl["no_kd"], 4),
+        "student_ppl_no_kd": round(statistics.fmean(ppl["no_kd"]), 3),
+        "student_ppl_kd": round(statistics.fmean(ppl["kd"]), 3),
+        "kd_ppl_reduction": round(statistics.fmean(reductions), 4),
+        "student_ppl_no_kd_seeds": [round(x, 3) for x in ppl["no_kd"]],
+        "student_ppl_kd_seeds": [round(x, 3) for x in ppl["kd"]],
+        "kd_ppl_reduction_seeds": [round(x, 4) for x in reductions],
+        "kd_ppl_reduction_std": round(statistics.stdev(reductions), 4) if len(reductions) > 1 else None,
+        "kd_ppl_reduction_se": round(statistics.stdev(reductions) / len(reductions) ** 0.5, 4)
+        if len(reductions) > 1
+        else None,
+        "seeds": list(range(a.seed, a.seed + a.seeds)),
         "steps": a.steps,
         "teacher_steps": a.teacher_steps,
-        "kd_step_s": round(timers["kd"].mean, 4),
-        "student_step_s": round(timers["no_kd"].mean, 4),
-        "same_batches": timers["kd"].indices.hexdigest() == timers["no_kd"].indices.hexdigest(),
+        "kd_step_s": round(statistics.fmean(timers["kd"]), 4),
+        "student_step_s": round(statistics.fmean(timers["no_kd"]), 4),
+        "same_batches": same_batches,
         "teacher_reused": meta["teacher_reused"],
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
-        "student_params": sum(p.numel() for p in init.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
         "dataset": Path(a.data_dir).resolve().name
         + (f" (last {a.carve_dev} train rows as dev)" if a.carve_dev else ""),
         "train_sentences": len(data.dataset("train")),

@@ -248,6 +248,8 @@ def test_bench_kd_lm_mini_run_writes_the_figures(tmp_path, monkeypatch):
         "4",
         "--timing-warmup",
         "0",
+        "--seeds",
+        "2",
         "--log-every",
         "1",
     ]
@@ -257,6 +259,14 @@ def test_bench_kd_lm_mini_run_writes_the_figures(tmp_path, monkeypatch):
     assert keys <= set(written) and written == result
     assert written["steps"] == 2 and written["same_batches"] and not written["teacher_reused"]
     assert all(math.isfinite(written[k]) and written[k] > 0 for k in keys)
+    # Two student seeds under one teacher: the headline figures are their means.
+    assert written["seeds"] == [42, 43] and len(written["student_ppl_kd_seeds"]) == 2
+    for name in ("kd", "no_kd"):
+        per_seed = written[f"student_ppl_{name}_seeds"]
+        assert written[f"student_ppl_{name}"] == pytest.approx(sum(per_seed) / 2, abs=2e-3)
+    reductions = [1 - kd / no for kd, no in zip(written["student_ppl_kd_seeds"], written["student_ppl_no_kd_seeds"])]
+    assert written["kd_ppl_reduction"] == pytest.approx(sum(reductions) / 2, abs=1e-3)
+    assert written["kd_ppl_reduction_se"] == pytest.approx(abs(reductions[0] - reductions[1]) / 2, abs=1e-3)
     with pytest.raises(ValueError, match="fingerprint"):  # another split is other training data: not this teacher
         bench_kd_lm.main([*args, "--carve-dev", "5"])
     carved = [*args[:-2], "--carve-dev", "5"]  # (without "--log-every 1")
