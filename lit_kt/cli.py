@@ -1,9 +1,11 @@
 """``lit-kt``: the LightningCLI for knowledge tracing (``lit-kt fit|validate|test|predict --config FILE``).
 
 The data module's ``num_exercises`` is linked into the model (``model.init_args.model.init_args.num_exercises``), so
-configs never repeat it. ``fit --test_after_fit true`` tests the best checkpoint (by the checkpoint callback's
-monitor, else the last weights) on the test split right after training and prints the test AUC (and, on simulated
-students, the oracle AUC).
+configs never repeat it. ``num_questions`` (AKT's Rasch embeddings) is not linked, since SAKT and DKT have no such
+argument: set ``model.init_args.model.init_args.num_questions`` to the data's (``KTDataModule.num_questions``, the
+largest question id with ``--data.question_col``); the data module checks it covers the data before the first batch.
+``fit --test_after_fit true`` tests the best checkpoint (by the checkpoint callback's monitor, else the last weights)
+on the test split right after training and prints the test AUC (and, on simulated students, the oracle AUC).
 
 Checkpoints and exercise ids: with ``--ckpt_path FILE`` (``validate``, ``test``, ``predict``, and ``fit`` when
 resuming), the model's ``num_exercises`` and ``max_len`` are the checkpoint's, read from its saved model spec, not

@@ -6,7 +6,13 @@ A batch is a dict of tensors:
 - ``responses`` (B, L) int64 0/1 (0 at padding);
 - ``mask`` (B, L) bool, the positions that are *scored* (loss and metrics): real positions, minus the context-only
   positions of overlapping evaluation windows, so that every interaction is scored exactly once;
-- ``index`` (B,) int64, the window's index in its dataset.
+- ``index`` (B,) int64, the window's index in its dataset;
+- ``questions`` (B, L) int64 question ids, 0 at padding: only when the sequences have questions
+  (:attr:`~lit_kt.formats.StudentSequence.questions`);
+- ``group_offset`` (B, L) int64, each row's position among the rows expanded from one multi-concept question (0 for
+  its first concept row, for single-concept rows and at padding): only when the sequences have ``interaction_ids``.
+  Windows then start and end on interaction boundaries, so a question's rows are never split between windows (see
+  :func:`group_window_spans` and ``docs/kt_question_level.md``).
 
 Under DDP the evaluation loaders split their windows over the processes without repeating any
 (:func:`distributed_eval_sampler`), so validation and test metrics equal the single-process figures.
@@ -91,8 +97,10 @@ def _in_memory_student(item: Any, where: str, max_exercise_id: int, num_exercise
         ExerciseIdError: If an exercise id is above ``max_exercise_id`` or an explicit ``num_exercises``.
     """
     student = None
+    extra = {}
     if isinstance(item, StudentSequence):
         exercises, responses, student = item.exercises, item.responses, item.student
+        extra = {"questions": item.questions, "interaction_ids": item.interaction_ids}
     elif isinstance(item, tuple | list) and len(item) == 2:
         exercises = _in_memory_array(item[0], where, "exercises")
         responses = _in_memory_array(item[1], where, "responses")
@@ -141,7 +149,7 @@ def _in_memory_student(item: Any, where: str, max_exercise_id: int, num_exercise
             raise ExerciseIdError(
                 where, None, f"{expected} but got exercise id {int(exercises[pos])} at position {pos}{suffix}"
             )
-    return StudentSequence(exercises.astype(np.int64), responses.astype(np.int64), student)
+    return StudentSequence(exercises.astype(np.int64), responses.astype(np.int64), student, **extra)
 
 
 def check_max_len(data_max_len: int, model_max_len: int | None, origin: str = "") -> None:
@@ -208,21 +216,83 @@ def window_spans(length: int, max_len: int, stride: int | None = None) -> list[t
     return spans
 
 
+def group_window_spans(
+    interaction_ids: np.ndarray, max_len: int, stride: int | None = None
+) -> list[tuple[int, int, int]]:
+    """:func:`window_spans` for expanded sequences: windows start, end and start scoring on interaction boundaries.
+
+    The rows expanded from one multi-concept question (equal ``interaction_ids``) always fall in the same window and
+    are scored together, so that each question is scored once, from one window (see ``docs/kt_question_level.md``).
+    Each window end is the furthest interaction boundary within ``stride`` of the previous end (at least one more
+    interaction), and each start the first boundary at most ``max_len`` rows before the end. With one row per
+    interaction (``interaction_ids == arange(L)``) the spans are those of :func:`window_spans`.
+
+    Args:
+        interaction_ids: ``(L,)`` interaction ids of a sequence (see :class:`~lit_kt.formats.StudentSequence`).
+        max_len: Longest window; must hold the largest interaction (its rows).
+        stride: How far each window's end may move; 1 <= stride <= max_len. ``None`` means ``max_len``.
+
+    Returns:
+        A list of ``(start, end, score_from)`` tuples in order.
+
+    Raises:
+        ValueError: If an argument is out of range, or an interaction has more rows than ``max_len``.
+    """
+    length = len(interaction_ids)
+    stride = max_len if stride is None else stride
+    window_spans(1, max_len, stride)  # validates max_len and stride
+    ids = np.asarray(interaction_ids)
+    bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])  # (I + 1,) starts of interactions, then L
+    sizes = np.diff(bounds)
+    if sizes.size and sizes.max() > max_len:
+        big = int(np.argmax(sizes))
+        raise ValueError(
+            f"Expected every interaction to fit in a window of `max_len` ({max_len}) rows but interaction {big} has"
+            f" {int(sizes[big])} rows (one per concept); raise `max_len`."
+        )
+    spans = []
+    scored_until = 0
+    limit = min(length, max_len)
+    while scored_until < length:
+        end = int(bounds[np.searchsorted(bounds, limit, side="right") - 1])  # furthest boundary <= limit
+        if end <= scored_until:
+            end = int(bounds[np.searchsorted(bounds, scored_until, side="right")])  # the next interaction whole
+        start = int(bounds[np.searchsorted(bounds, end - max_len, side="left")])  # first boundary >= end - max_len
+        spans.append((start, end, scored_until))
+        scored_until = end
+        limit = min(length, end + stride)
+    return spans
+
+
 class KTDataset(Dataset):
     """Windows over student sequences, each item a dict of 1-D numpy arrays.
+
+    Sequences with questions give items a ``questions`` array; sequences with ``interaction_ids`` give items a
+    ``group_offset`` array and are cut with :func:`group_window_spans`. Either every sequence has questions or none
+    has (and the same for ``interaction_ids``), so that every batch has the same keys.
 
     Args:
         sequences: The students' sequences.
         max_len: Longest window.
         stride: Window stride (see :func:`window_spans`); ``None`` for non-overlapping windows.
+
+    Raises:
+        ValueError: If some sequences have questions (or ``interaction_ids``) and others not.
     """
 
     def __init__(self, sequences: Sequence[StudentSequence], max_len: int, stride: int | None = None) -> None:
         self.sequences = list(sequences)
+        self.has_questions = _all_or_none(self.sequences, "questions")
+        self.has_groups = _all_or_none(self.sequences, "interaction_ids")
+        self._offsets = [seq.group_offsets for seq in self.sequences] if self.has_groups else None
         self.windows = [
             Window(i, start, end, score_from)
             for i, seq in enumerate(self.sequences)
-            for start, end, score_from in window_spans(len(seq), max_len, stride)
+            for start, end, score_from in (
+                group_window_spans(seq.interaction_ids, max_len, stride)
+                if self.has_groups
+                else window_spans(len(seq), max_len, stride)
+            )
         ]
 
     def __len__(self) -> int:
@@ -232,12 +302,17 @@ class KTDataset(Dataset):
         w = self.windows[index]
         seq = self.sequences[w.sequence]
         scored = np.arange(w.start, w.end) >= w.score_from
-        return {
+        item = {
             "exercises": seq.exercises[w.start : w.end],
             "responses": seq.responses[w.start : w.end],
             "mask": scored,
             "index": index,
         }
+        if self.has_questions:
+            item["questions"] = seq.questions[w.start : w.end]
+        if self._offsets is not None:
+            item["group_offset"] = self._offsets[w.sequence][w.start : w.end]
+        return item
 
     @property
     def num_interactions(self) -> int:
@@ -245,17 +320,32 @@ class KTDataset(Dataset):
         return sum(len(s) for s in self.sequences)
 
 
+def _all_or_none(sequences: Sequence[StudentSequence], field: str) -> bool:
+    """Whether the sequences have ``field`` (not ``None``); raises a ValueError when only some have it."""
+    have = [getattr(seq, field) is not None for seq in sequences]
+    if any(have) and not all(have):
+        pos = have.index(not have[0])
+        raise ValueError(
+            f"Expected either every sequence or none to have `{field}` but sequence 0 {'has' if have[0] else 'lacks'}"
+            f" them and sequence {pos} {'has' if have[pos] else 'lacks'} them."
+        )
+    return bool(have) and have[0]
+
+
+_PADDED_KEYS = ("exercises", "responses", "mask", "questions", "group_offset")
+
+
 def collate_kt(items: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of dataset items to the longest one; padding is id 0 and ``mask`` False."""
+    """Right-pad a list of dataset items to the longest one; padding is id 0 and ``mask`` False.
+
+    ``questions`` and ``group_offset`` are padded with 0 too, when the items have them.
+    """
     longest = max(len(item["exercises"]) for item in items)
-    batch = {
-        "exercises": torch.zeros(len(items), longest, dtype=torch.long),
-        "responses": torch.zeros(len(items), longest, dtype=torch.long),
-        "mask": torch.zeros(len(items), longest, dtype=torch.bool),
-    }
+    keys = [key for key in _PADDED_KEYS if key in items[0]]
+    batch = {key: torch.zeros(len(items), longest, dtype=torch.bool if key == "mask" else torch.long) for key in keys}
     for row, item in enumerate(items):
         n = len(item["exercises"])
-        for key in ("exercises", "responses", "mask"):
+        for key in keys:
             batch[key][row, :n] = torch.from_numpy(np.asarray(item[key]))
     batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
     return batch
@@ -390,6 +480,14 @@ class KTDataModule(L.LightningDataModule):
     module holds a model with ``num_exercises`` and ``max_len`` (:class:`~lit_kt.models.SAKT`), the ids of the
     stage's splits and this module's ``max_len`` are checked against it, before the first batch.
 
+    Question-level data (``docs/kt_question_level.md``): with ``question_col`` (long tables), in-memory sequences
+    that carry ``questions``, or ``synthetic_questions > 0``, batches carry ``questions`` and :attr:`num_questions`
+    is the largest question id (or the explicit ``num_questions``); build a question-level model with it, e.g.
+    ``AKT(num_exercises=dm.num_exercises, num_questions=dm.num_questions)`` (:meth:`model_sizes`; in a ``lit-kt``
+    YAML set ``model.init_args.model.init_args.num_questions``, which is not linked because SAKT and DKT have no
+    such argument). With ``concepts_col`` a multi-concept question is expanded into one row per concept and batches
+    carry ``group_offset``; :class:`~lit_kt.KTModule` then scores each question once.
+
     Args:
         data_dir: Folder with ``train.csv`` and ``test.csv``; ``None`` for simulated students.
         format: ``"three_line"`` (count / ids / responses) or ``"long"`` (one interaction per row).
@@ -415,10 +513,18 @@ class KTDataModule(L.LightningDataModule):
         exercise_col: Long format: exercise column.
         correct_col: Long format: correctness column.
         order_col: Long format: column to sort each student's rows by (``None`` keeps file order).
+        question_col: Long format: question column (integer ids ``>= 1``), or ``None`` for concept-level data.
+        concepts_col: Long format: column of ``concept_sep``-joined concept ids, read instead of ``exercise_col``
+            (multi-concept questions are expanded, see :func:`~lit_kt.formats.read_long_table`); ``None`` for none.
+        concept_sep: Long format: the separator of the concept ids in ``concepts_col`` (pyKT's ``"_"``).
+        num_questions: Number of question ids (ids ``1..num_questions``); ``None`` for the largest question id
+            found in any split (0 without questions). An explicit value must be >= every question id.
         synthetic_students: Simulated students in all (train + test).
         synthetic_exercises: Exercises of the simulated students.
         synthetic_concepts: Latent concepts of the simulated students.
         synthetic_seq_len: Interactions per simulated student.
+        synthetic_questions: Questions of the simulated students (Rasch difficulties inside the exercises, see
+            :func:`lit_kt.synthetic.generate_students`); 0 for exercise-level students without questions.
         sequences: In-memory students instead of ``data_dir`` (see above): a list of training students, or a dict
             with ``"train"`` and optionally ``"test"`` and ``"val"`` lists. Each student is a ``StudentSequence`` or an
             ``(exercises, responses)`` pair. Not stored in the hyperparameters.
@@ -457,8 +563,17 @@ class KTDataModule(L.LightningDataModule):
         synthetic_seq_len: int = 50,
         sequences: dict[str, list] | list | None = None,
         limit: int | None = None,
+        question_col: str | None = None,
+        concepts_col: str | None = None,
+        concept_sep: str = "_",
+        num_questions: int | None = None,
+        synthetic_questions: int = 0,
     ) -> None:
         super().__init__()
+        if num_questions is not None and num_questions < 0:
+            raise ValueError(f"Expected `num_questions` to be >= 0 or None but got {num_questions}.")
+        if synthetic_questions < 0:
+            raise ValueError(f"Expected `synthetic_questions` to be >= 0 but got {synthetic_questions}.")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"Expected `val_fraction` to be in [0, 1) but got {val_fraction}.")
         if format not in ("three_line", "long"):
@@ -491,6 +606,8 @@ class KTDataModule(L.LightningDataModule):
         self._num_exercises: int | None = None
         self._sources: dict[str, Path | None] = {}  # the file each split comes from (None: simulated)
         self._largest: dict[str, int] = {}  # the largest exercise id of each split
+        self._largest_question: dict[str, int] = {}  # the largest question id of each split (0 without questions)
+        self._num_questions: int | None = None
 
     # ------------------------------------------------------------------ loading
     def _parse_in_memory(self, sequences: Any) -> dict[str, list[StudentSequence]]:
@@ -539,7 +656,16 @@ class KTDataModule(L.LightningDataModule):
         if h.format == "three_line":
             sequences = read_three_line(path)
         else:
-            sequences = read_long_table(path, h.student_col, h.exercise_col, h.correct_col, h.order_col)
+            sequences = read_long_table(
+                path,
+                h.student_col,
+                h.exercise_col,
+                h.correct_col,
+                h.order_col,
+                question_col=h.question_col,
+                concepts_col=h.concepts_col,
+                concept_sep=h.concept_sep,
+            )
         largest = max((int(s.exercises.max()) for s in sequences), default=0)
         if h.num_exercises is not None and largest > h.num_exercises:
             self._raise_id_above(
@@ -563,7 +689,10 @@ class KTDataModule(L.LightningDataModule):
 
         The message reads ``"<expected> but got exercise id <id><suffix>"``.
         """
-        found = find_exercise_above(path, bound, self.hparams.format, self.hparams.exercise_col)
+        h = self.hparams
+        found = find_exercise_above(
+            path, bound, h.format, h.exercise_col, concepts_col=h.concepts_col, concept_sep=h.concept_sep
+        )
         line, exercise = found if found is not None else (None, f"above {bound}")
         raise ExerciseIdError(path, line, f"{expected} but got exercise id {exercise}{suffix}")
 
@@ -593,6 +722,7 @@ class KTDataModule(L.LightningDataModule):
                 num_concepts=h.synthetic_concepts,
                 seq_len=h.synthetic_seq_len,
                 seed=h.seed,
+                num_questions=h.synthetic_questions,
             )
             half = h.synthetic_students // 2
             train, test = self._limit(sim.sequences[half:]), self._limit(sim.sequences[:half])  # test first
@@ -633,6 +763,18 @@ class KTDataModule(L.LightningDataModule):
                 f" {self._describe(worst)}) but got {h.num_exercises}."
             )
         self._num_exercises = max(self._largest.values()) if h.num_exercises is None else h.num_exercises
+        self._largest_question = {
+            name: max((int(s.questions.max()) for s in seqs if s.questions is not None), default=0)
+            for name, seqs in splits.items()
+        }
+        worst = max(self._largest_question, key=self._largest_question.get)
+        largest_question = self._largest_question[worst]
+        if h.num_questions is not None and largest_question > h.num_questions:
+            raise ValueError(
+                f"Expected `num_questions` to be >= the largest question id in the data ({largest_question}, in"
+                f" {self._describe(worst)}) but got {h.num_questions}."
+            )
+        self._num_questions = max(self._largest_question.values()) if h.num_questions is None else h.num_questions
         self._warn_unseen(splits)
         self._splits = splits
         return splits
@@ -682,17 +824,34 @@ class KTDataModule(L.LightningDataModule):
         self._load()
         return self._num_exercises
 
+    @property
+    def num_questions(self) -> int:
+        """Number of question ids a question-level model must embed (ids 1..num_questions); 0 without questions."""
+        self._load()
+        return self._num_questions
+
+    def model_sizes(self) -> dict[str, int]:
+        """``{"num_exercises", "num_questions"}`` of the data, to build a model: ``AKT(**dm.model_sizes(), ...)``.
+
+        Pass ``num_questions`` only to models that take it (:class:`~lit_kt.models.AKT`); SAKT and DKT do not.
+        """
+        return {"num_exercises": self.num_exercises, "num_questions": self.num_questions}
+
     def sequences(self, split: Literal["train", "val", "test"]) -> list[StudentSequence]:
         """The students of one split, before windowing."""
         return self._load()[split]
 
-    def oracle_auc(self) -> float | None:
+    def oracle_auc(self, use_questions: bool = True) -> float | None:
         """Best test AUC any model can reach in expectation (simulated students only; ``None`` for files).
 
         The AUC of the Bayes-optimal predictions on the test students: the posterior predictive of the true
         simulator given each student's history (:meth:`lit_kt.SyntheticStudents.oracle_probabilities`).
+
+        Args:
+            use_questions: With ``synthetic_questions``, use the questions' difficulties (the ceiling); ``False``
+                gives the question-blind reference that knows only the exercises' difficulties.
         """
-        return self._reference_auc(lambda sim: sim.oracle_probabilities())
+        return self._reference_auc(lambda sim: sim.oracle_probabilities(use_questions=use_questions))
 
     def true_probability_auc(self) -> float | None:
         """Test AUC of the simulator's true probabilities: an upper bound no model reaches (``None`` for files)."""
@@ -733,7 +892,15 @@ class KTDataModule(L.LightningDataModule):
         if not isinstance(num_exercises, int):
             return
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        num_questions = getattr(model, "num_questions", None)
         for split in splits.get(stage, ("train", "val", "test")):
+            if isinstance(num_questions, int) and 0 < num_questions < self._largest_question.get(split, 0):
+                raise ValueError(
+                    f"Expected question ids <= the model's `num_questions` ({num_questions}, it embeds ids"
+                    f" 1..num_questions) in {self._describe(split)} but got question id"
+                    f" {self._largest_question[split]}; build the model with the data module's `num_questions`"
+                    f" ({self._num_questions})."
+                )
             if self._largest.get(split, 0) <= num_exercises:
                 continue
             expected = (

@@ -31,8 +31,10 @@ row, for example::
 :func:`read_long_table` groups rows by the student column (students in order of first appearance) and sorts each
 student's rows stably by the order column (file order when there is none). It checks that the header names every
 required column, that student ids are non-empty, exercise ids are integers ``>= 1``, correctness values are exactly
-``0`` or ``1`` and order values are finite numbers. Line numbers are physical line numbers (the header is line 1;
-for a quoted field spanning several lines, the line on which the row ends).
+``0`` or ``1`` and order values are finite numbers. For question-level data it also reads a question column and a
+multi-concept column (concept ids joined by ``"_"``, as pyKT writes them, e.g. ``3_17``), expanding a question with
+``k`` concepts into ``k`` rows (see :func:`read_long_table` and ``docs/kt_question_level.md``). Line numbers are
+physical line numbers (the header is line 1; for a quoted field spanning several lines, the line on which the row ends).
 
 :func:`write_three_line` writes sequences in the three-line format (without trailing commas), so that
 ``read_three_line`` reads them back unchanged.
@@ -86,27 +88,40 @@ def _to_int(text: str) -> int:
 class StudentSequence:
     """One student's interactions in time order.
 
-    The constructor converts both arrays to ``int64`` (without copying when they already are). ``frozen`` prevents
+    The constructor converts the arrays to ``int64`` (without copying when they already are). ``frozen`` prevents
     rebinding the attributes; the arrays themselves are ordinary writable NumPy arrays that should be treated as
-    read-only. Two sequences are equal when their arrays are element-wise equal and their students are equal.
-    Sequences are not hashable.
+    read-only. Two sequences are equal when their arrays (``None`` equal to ``None`` only) are element-wise equal and
+    their students are equal. Sequences are not hashable.
+
+    Question-level data (see ``docs/kt_question_level.md``): ``questions`` gives the question of every row, and
+    ``interaction_ids`` records the pyKT-style expansion of multi-concept questions: a question attempt tagged with
+    ``k`` concepts is stored as ``k`` consecutive rows (one per concept, in the order given) sharing the question, the
+    response and the interaction id. Without ``interaction_ids`` every row is its own interaction.
 
     Attributes:
-        exercises: ``(L,)`` int64 exercise ids, each ``>= 1`` (``0`` is reserved for padding).
+        exercises: ``(L,)`` int64 exercise (concept) ids, each ``>= 1`` (``0`` is reserved for padding).
         responses: ``(L,)`` int64 responses, each ``0`` or ``1``.
         student: Student identifier, or ``None`` when the format has none (three-line files).
+        questions: ``(L,)`` int64 question ids, each ``>= 1``, or ``None`` for concept-level data.
+        interaction_ids: ``(L,)`` int64, the 0-based index of the original interaction each row was expanded from:
+            ``0`` at the first row, then each row equal to the previous one (another concept of the same question)
+            or one more (the next interaction). Rows sharing an id share their response and question. ``None``: no
+            expansion (``interaction_ids == arange(L)``).
     """
 
     exercises: np.ndarray
     responses: np.ndarray
     student: str | None = None
+    questions: np.ndarray | None = None
+    interaction_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Converts the arrays to int64 and validates shapes and values.
 
         Raises:
-            ValueError: If an array is not integer-valued, not 1-D, the lengths differ, an exercise id is ``< 1``
-                or a response is not ``0`` or ``1``.
+            ValueError: If an array is not integer-valued, not 1-D, the lengths differ, an exercise or question id
+                is ``< 1``, a response is not ``0`` or ``1``, or ``interaction_ids`` does not start at 0 and step by
+                0 or 1, or differs in response or question inside one interaction.
         """
         exercises = _as_int64_vector(self.exercises, "exercises")
         responses = _as_int64_vector(self.responses, "responses")
@@ -123,8 +138,25 @@ class StudentSequence:
         if responses.size and ((responses != 0) & (responses != 1)).any():
             pos = int(np.argmax((responses != 0) & (responses != 1)))
             raise ValueError(f"Expected responses 0 or 1 but got {int(responses[pos])} at index {pos}")
+        questions = None if self.questions is None else _as_int64_vector(self.questions, "questions")
+        if questions is not None:
+            if questions.shape != exercises.shape:
+                raise ValueError(
+                    f"Expected questions of the length of exercises ({exercises.shape[0]}) but got {questions.shape[0]}"
+                )
+            if questions.size and questions.min() < 1:
+                pos = int(np.argmax(questions < 1))
+                raise ValueError(
+                    f"Expected question ids >= 1 (0 is reserved for padding) but got {int(questions[pos])} at index "
+                    f"{pos}"
+                )
+        groups = None if self.interaction_ids is None else _as_int64_vector(self.interaction_ids, "interaction_ids")
+        if groups is not None:
+            _check_interaction_ids(groups, exercises.shape[0], responses, questions)
         object.__setattr__(self, "exercises", exercises)
         object.__setattr__(self, "responses", responses)
+        object.__setattr__(self, "questions", questions)
+        object.__setattr__(self, "interaction_ids", groups)
 
     def __len__(self) -> int:
         """Returns the number of interactions L."""
@@ -138,9 +170,57 @@ class StudentSequence:
             self.student == other.student
             and np.array_equal(self.exercises, other.exercises)
             and np.array_equal(self.responses, other.responses)
+            and _optional_equal(self.questions, other.questions)
+            and _optional_equal(self.interaction_ids, other.interaction_ids)
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable array contents
+
+    @property
+    def group_offsets(self) -> np.ndarray:
+        """``(L,)`` int64, each row's 0-based position among the rows of its interaction (0: the first concept row).
+
+        All zeros without ``interaction_ids``.
+        """
+        if self.interaction_ids is None:
+            return np.zeros(len(self), dtype=np.int64)
+        first = np.flatnonzero(np.r_[True, np.diff(self.interaction_ids) != 0])  # (I,) first row of each interaction
+        return np.arange(len(self), dtype=np.int64) - np.repeat(first, np.diff(np.r_[first, len(self)]))
+
+
+def _optional_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _check_interaction_ids(
+    groups: np.ndarray, length: int, responses: np.ndarray, questions: np.ndarray | None
+) -> None:
+    """Raises a ValueError unless ``groups`` are valid interaction ids (see :class:`StudentSequence`)."""
+    if groups.shape[0] != length:
+        raise ValueError(f"Expected interaction_ids of the length of exercises ({length}) but got {groups.shape[0]}")
+    if not length:
+        return
+    if groups[0] != 0:
+        raise ValueError(f"Expected interaction_ids to start at 0 but got {int(groups[0])} at index 0")
+    step = np.diff(groups)
+    if ((step != 0) & (step != 1)).any():
+        pos = int(np.argmax((step != 0) & (step != 1))) + 1
+        raise ValueError(
+            f"Expected each interaction id to equal the previous one or exceed it by 1 but got {int(groups[pos])}"
+            f" after {int(groups[pos - 1])} at index {pos}"
+        )
+    same = step == 0
+    for name, values in (("responses", responses), ("questions", questions)):
+        if values is None:
+            continue
+        bad = same & (values[1:] != values[:-1])
+        if bad.any():
+            pos = int(np.argmax(bad)) + 1
+            raise ValueError(
+                f"Expected equal {name} within an interaction (rows expanded from one question) but got "
+                f"{int(values[pos - 1])} and {int(values[pos])} at indices {pos - 1} and {pos} (interaction "
+                f"{int(groups[pos])})"
+            )
 
 
 def _as_int64_vector(values: object, name: str) -> np.ndarray:
@@ -378,13 +458,19 @@ def write_three_line(sequences: Iterable[StudentSequence], path: str | os.PathLi
 
     Raises:
         ValueError: If a sequence is empty (the format, and :func:`read_three_line`, require at least one
-            interaction per student).
+            interaction per student), or carries ``questions`` or ``interaction_ids``, which the format cannot hold
+            (rather than dropping them, the call fails: rebuild the sequences without them to write concepts only).
         OSError: If the file cannot be written.
     """
     sequences = list(sequences)
     for k, seq in enumerate(sequences):
         if len(seq) == 0:
             raise ValueError(f"Expected at least one interaction per sequence but sequence {k} is empty")
+        if seq.questions is not None or seq.interaction_ids is not None:
+            raise ValueError(
+                f"Expected sequences without questions or interaction_ids (the three-line format stores exercise ids"
+                f" and responses only) but sequence {k} has them"
+            )
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for seq in sequences:
             f.write(f"{len(seq)}\n")
@@ -406,6 +492,9 @@ def read_long_table(
     correct_col: str = "correct",
     order_col: str | None = "order_id",
     delimiter: str = ",",
+    question_col: str | None = None,
+    concepts_col: str | None = None,
+    concept_sep: str = "_",
 ) -> list[StudentSequence]:
     """Reads a table with one interaction per row and a header row.
 
@@ -414,24 +503,45 @@ def read_long_table(
     is ``None``. Other columns are ignored; blank lines are skipped; header names are stripped of surrounding
     whitespace.
 
+    Question-level data: ``question_col`` adds each row's question id (an integer ``>= 1``) as
+    :attr:`StudentSequence.questions`. ``concepts_col`` replaces ``exercise_col``: it holds the concepts of the
+    row's question joined by ``concept_sep`` (pyKT's ``"_"``, e.g. ``"3_17"``; one concept is just ``"3"``), each an
+    integer ``>= 1``, no two equal. Such a row is *expanded* as pyKT does: a question with ``k`` concepts becomes
+    ``k`` consecutive rows, one per concept in the order written, with the same question and response, and the
+    sequence's :attr:`StudentSequence.interaction_ids` tells which rows come from one table row (set whenever
+    ``concepts_col`` is given). Without ``concepts_col`` the reader returns exactly what it returned before.
+
     Args:
         path: The file to read (UTF-8; a byte-order mark is ignored).
         student_col: Column holding the student id (any non-empty string).
-        exercise_col: Column holding the exercise id (an integer ``>= 1``; ``"12.0"`` is rejected).
+        exercise_col: Column holding the exercise id (an integer ``>= 1``; ``"12.0"`` is rejected); not read when
+            ``concepts_col`` is given.
         correct_col: Column holding the response, exactly ``"0"`` or ``"1"``.
         order_col: Column holding a number (e.g. an id or timestamp) giving the time order, or ``None``.
         delimiter: Field delimiter, e.g. ``"\\t"`` for TSV.
+        question_col: Column holding the question id (an integer ``>= 1``), or ``None`` for concept-level data.
+        concepts_col: Column holding the ``concept_sep``-joined concept ids of the row's question, or ``None`` to
+            read one exercise id per row from ``exercise_col``.
+        concept_sep: Separator of the concept ids in ``concepts_col`` (non-empty, not the field delimiter).
 
     Returns:
-        One :class:`StudentSequence` per student, with ``student`` set to the (stripped) student id.
+        One :class:`StudentSequence` per student, with ``student`` set to the (stripped) student id, ``questions``
+        set with ``question_col`` and ``interaction_ids`` set with ``concepts_col``.
 
     Raises:
         KTFormatError: If the file is empty, has no data rows, lacks a required column, or a value is invalid; the
             message names the file and the 1-based physical line number.
         OSError: If the file cannot be read.
     """
-    required = [student_col, exercise_col, correct_col] + ([order_col] if order_col is not None else [])
-    groups: dict[str, tuple[list[int], list[int], list[int | float]]] = {}
+    if not concept_sep or concept_sep == delimiter:
+        raise ValueError(
+            f"Expected `concept_sep` to be a non-empty string other than the delimiter ({delimiter!r}) but got"
+            f" {concept_sep!r}."
+        )
+    id_col = exercise_col if concepts_col is None else concepts_col
+    required = [student_col, id_col, correct_col] + [col for col in (order_col, question_col) if col is not None]
+    # Per student: exercise ids (a list of concept ids per row with concepts_col), responses, orders, questions.
+    groups: dict[str, tuple[list, list[int], list[int | float], list[int]]] = {}
     with open_text(path, KTFormatError, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
@@ -472,18 +582,16 @@ def read_long_table(
                     path, line, f"Expected a non-empty student id in column {student_col!r} but got an empty field"
                 )
 
-            ex_text = value(row, exercise_col, line, "an exercise id")
-            if not _INT.fullmatch(ex_text) or _to_int(ex_text) < 1:
-                found = "an empty field" if not ex_text else repr(ex_text)
-                raise KTFormatError(
-                    path, line, f"Expected an integer exercise id >= 1 in column {exercise_col!r} but got {found}"
+            if concepts_col is None:
+                exercise = _parse_id(path, line, value(row, exercise_col, line, "an exercise id"), exercise_col)
+            else:
+                exercise = _parse_concepts(
+                    path, line, value(row, concepts_col, line, "concept ids"), concepts_col, concept_sep
                 )
-            exercise = _to_int(ex_text)
-            if exercise > _INT64_MAX:
-                raise KTFormatError(
-                    path,
-                    line,
-                    f"Expected an exercise id that fits in int64 in column {exercise_col!r} but got {ex_text!r}",
+            question = 0
+            if question_col is not None:
+                question = _parse_id(
+                    path, line, value(row, question_col, line, "a question id"), question_col, "question"
                 )
 
             correct_text = value(row, correct_col, line, "a response")
@@ -501,24 +609,79 @@ def read_long_table(
 
             group = groups.get(student)
             if group is None:
-                group = groups[student] = ([], [], [])
+                group = groups[student] = ([], [], [], [])
             group[0].append(exercise)
             group[1].append(int(correct_text))
             group[2].append(order)
+            group[3].append(question)
 
     if not groups:
         raise KTFormatError(path, header_line, "Expected at least one data row after the header but got none")
 
     sequences = []
-    for student, (exercises, responses, orders) in groups.items():
+    for student, (exercises, responses, orders, questions) in groups.items():
         if order_col is not None:
             perm = sorted(range(len(orders)), key=orders.__getitem__)  # sorted() is stable
             exercises = [exercises[k] for k in perm]
             responses = [responses[k] for k in perm]
+            questions = [questions[k] for k in perm]
+        if concepts_col is None:
+            sequences.append(
+                StudentSequence(
+                    np.array(exercises, dtype=np.int64),
+                    np.array(responses, dtype=np.int64),
+                    student,
+                    questions=None if question_col is None else np.array(questions, dtype=np.int64),
+                )
+            )
+            continue
+        counts = np.array([len(concepts) for concepts in exercises], dtype=np.int64)  # (I,) concepts per row
         sequences.append(
-            StudentSequence(np.array(exercises, dtype=np.int64), np.array(responses, dtype=np.int64), student)
+            StudentSequence(
+                np.array([c for concepts in exercises for c in concepts], dtype=np.int64),  # (L,) expanded rows
+                np.repeat(np.array(responses, dtype=np.int64), counts),
+                student,
+                questions=None if question_col is None else np.repeat(np.array(questions, dtype=np.int64), counts),
+                interaction_ids=np.repeat(np.arange(len(counts), dtype=np.int64), counts),
+            )
         )
     return sequences
+
+
+def _parse_id(path: str | os.PathLike[str], line: int, text: str, col: str, what: str = "exercise") -> int:
+    """An integer id ``>= 1`` that fits in int64 read from column ``col``, else a :class:`KTFormatError`."""
+    if not _INT.fullmatch(text) or _to_int(text) < 1:
+        found = "an empty field" if not text else repr(text)
+        raise KTFormatError(path, line, f"Expected an integer {what} id >= 1 in column {col!r} but got {found}")
+    number = _to_int(text)
+    if number > _INT64_MAX:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise KTFormatError(
+            path, line, f"Expected {article} {what} id that fits in int64 in column {col!r} but got {text!r}"
+        )
+    return number
+
+
+def _parse_concepts(path: str | os.PathLike[str], line: int, text: str, col: str, sep: str) -> list[int]:
+    """The distinct concept ids of a ``sep``-joined field (e.g. ``"3_17"``), else a :class:`KTFormatError`."""
+    concepts = []
+    for pos, field in enumerate(text.split(sep), start=1):
+        field = field.strip()
+        if not _INT.fullmatch(field) or _to_int(field) < 1 or _to_int(field) > _INT64_MAX:
+            found = "an empty field" if not field else repr(field)
+            raise KTFormatError(
+                path,
+                line,
+                f"Expected {sep!r}-separated integer concept ids >= 1 (that fit in int64) in column {col!r} but got"
+                f" {found} as concept {pos} of {text!r}",
+            )
+        concept = _to_int(field)
+        if concept in concepts:
+            raise KTFormatError(
+                path, line, f"Expected distinct concept ids in column {col!r} but got {concept} twice in {text!r}"
+            )
+        concepts.append(concept)
+    return concepts
 
 
 def _parse_order(text: str) -> int | float | None:
@@ -544,6 +707,8 @@ def find_exercise_above(
     format: str = "three_line",
     exercise_col: str = "skill_id",
     delimiter: str = ",",
+    concepts_col: str | None = None,
+    concept_sep: str = "_",
 ) -> tuple[int, int] | None:
     """Finds the first interaction of a file whose exercise id is above ``bound``.
 
@@ -557,6 +722,8 @@ def find_exercise_above(
         format: ``"three_line"`` or ``"long"``.
         exercise_col: Long table: the exercise column.
         delimiter: Long table: the field delimiter.
+        concepts_col: Long table: the multi-concept column read instead of ``exercise_col``, or ``None``.
+        concept_sep: Long table: the separator of the concept ids in ``concepts_col``.
 
     Returns:
         ``(line, exercise_id)`` with the 1-based physical line of the first such id in file order (for a three-line
@@ -582,7 +749,11 @@ def find_exercise_above(
         reader = csv.DictReader(f, delimiter=delimiter)
         reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         for row in reader:
-            exercise = int(str(row[exercise_col]).strip())
-            if exercise > bound:
-                return reader.line_num, exercise
+            if concepts_col is None:
+                ids = [int(str(row[exercise_col]).strip())]
+            else:
+                ids = [int(field) for field in str(row[concepts_col]).split(concept_sep)]
+            for exercise in ids:
+                if exercise > bound:
+                    return reader.line_num, exercise
     return None

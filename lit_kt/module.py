@@ -5,6 +5,13 @@ logits, where ``logits[:, t]`` sees ``exercises[:, :t+1]`` and ``responses[:, :t
 :class:`~lit_kt.models.DKT`). It also exposes ``num_exercises``, ``max_len`` (``None`` when unbounded) and ``config``
 (its constructor arguments, so a checkpoint can rebuild it).
 
+Question-level data (``docs/kt_question_level.md``): when a batch carries ``questions``, ``KTModule`` passes them as
+``forward(exercises, responses, questions=...)`` to a model whose ``forward`` takes a ``questions`` argument and whose
+``num_questions`` (if it has one) is not 0 (:class:`~lit_kt.models.AKT` with Rasch embeddings); other models (SAKT,
+DKT, AKT built with ``num_questions=0``) get the concepts only. When a batch carries ``group_offset`` (multi-concept
+questions expanded into one row per concept), the logits come from :func:`leak_free_logits` and the metrics from
+:func:`fuse_questions`: each question is scored once, by the mean probability of its rows.
+
 Checkpoint policy: ``save_hyperparameters`` stores the model as ``{"class_path", "init_args"}`` (built from the
 model's ``config``), so ``KTModule.load_from_checkpoint(path)`` rebuilds it with no arguments, whether the module
 was made in Python or by ``lit-kt``. Optimizer and scheduler callables are not stored: pass them again (or keep
@@ -18,9 +25,10 @@ imported (importing a module runs its code), and it must name an ``nn.Module`` s
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -120,6 +128,109 @@ def _model_class(class_path: Any, source: str = "`model.class_path`") -> type[nn
     return cls
 
 
+def group_bounds(group_offset: Tensor) -> tuple[Tensor, Tensor]:
+    """The first row and the number of rows of the question each position belongs to.
+
+    Args:
+        group_offset: (B, L) each row's 0-based position among the rows expanded from its question (a batch's
+            ``group_offset``: 0 for single-concept rows and at padding).
+
+    Returns:
+        ``(start, size)``, both (B, L) int64: the position of the question's first row and its number of rows.
+    """
+    B, L = group_offset.shape
+    start = torch.arange(L, device=group_offset.device).expand(B, L) - group_offset  # (B, L)
+    counts = torch.zeros(B, L, dtype=torch.long, device=group_offset.device)
+    counts.scatter_add_(1, start, torch.ones_like(start))  # (B, L) rows per question, at its first row
+    return start, counts.gather(1, start)
+
+
+def leak_free_logits(
+    forward: Callable[..., Tensor],
+    exercises: Tensor,
+    responses: Tensor,
+    questions: Tensor | None,
+    group_offset: Tensor,
+) -> Tensor:
+    """Logits of expanded multi-concept questions where no row sees another row of its own question.
+
+    In an expanded sequence the ``k`` rows of one question are consecutive and share its response, so a causal model
+    predicting concept row ``j`` would see the response of rows ``< j``: the answer itself. Here row ``j`` of every
+    question is predicted in pass ``j`` (``k_max`` passes in all, the most rows of a question in the batch), in which
+    the rows of every question are rotated by ``j`` so that row ``j`` comes first: a causal model then predicts it from
+    the earlier questions (all their rows, in rotated order) and its own concept and question only, as pyKT's
+    question-level evaluation does. With one row per question this is one ordinary forward pass.
+
+    Args:
+        forward: ``forward(exercises, responses, questions)`` returning (B, L) logits, causal as in the KT contract.
+        exercises: (B, L) concept ids.
+        responses: (B, L) 0/1 responses.
+        questions: (B, L) question ids, or ``None``.
+        group_offset: (B, L) each row's position among its question's rows (see :func:`group_bounds`).
+
+    Returns:
+        (B, L) logits; ``logits[b, t]`` depends on no row of ``t``'s question other than ``t`` itself (its exercise
+        and question, never its response).
+    """
+    start, size = group_bounds(group_offset)  # (B, L), (B, L)
+    passes = int(size.max()) if size.numel() else 1
+    if passes <= 1:
+        return forward(exercises, responses, questions)
+    logits = None
+    for j in range(passes):
+        source = start + (group_offset + j) % size  # (B, L) rotation by j inside every question
+        rotated = forward(
+            exercises.gather(1, source),
+            responses.gather(1, source),
+            None if questions is None else questions.gather(1, source),
+        )  # (B, L); the first row of each question now holds its row j (mod its size)
+        first = rotated.gather(1, start)  # (B, L) prediction of the first row of each position's question
+        logits = first if logits is None else torch.where(group_offset == j, first, logits)
+    return logits
+
+
+def fuse_questions(
+    probabilities: Tensor, responses: Tensor, mask: Tensor, group_offset: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One score per question: the mean probability of its expanded rows (pyKT's late fusion, "mean").
+
+    Args:
+        probabilities: (B, L) predicted probabilities of a correct answer.
+        responses: (B, L) 0/1 responses (equal over a question's rows).
+        mask: (B, L) bool, the scored rows; a question's rows are all scored or none (windows keep them together).
+        group_offset: (B, L) each row's position among its question's rows, or ``None`` for one row per question.
+
+    Returns:
+        ``(scores, labels)``, both 1-D of one entry per scored question, in batch order.
+
+    Example:
+        >>> p = torch.tensor([[0.2, 0.6, 0.9]]); r = torch.tensor([[1, 1, 0]]); m = torch.ones(1, 3, dtype=torch.bool)
+        >>> fuse_questions(p, r, m, torch.tensor([[0, 1, 0]]))
+        (tensor([0.4000, 0.9000]), tensor([1, 0]))
+    """
+    if group_offset is None:
+        return probabilities[mask], responses[mask]
+    start, _ = group_bounds(group_offset)
+    B, L = mask.shape
+    rows = torch.arange(B, device=mask.device).unsqueeze(1) * L  # (B, 1)
+    key = (rows + start)[mask]  # (N,) one key per question, non-decreasing in row-major order
+    _, inverse, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+    scores = torch.zeros(counts.shape, dtype=probabilities.dtype, device=probabilities.device)
+    scores.index_add_(0, inverse, probabilities[mask])
+    labels = torch.zeros(counts.shape, dtype=responses.dtype, device=responses.device)
+    labels.scatter_(0, inverse, responses[mask])  # every row of a question carries its response
+    return scores / counts, labels
+
+
+def _takes_questions(model: nn.Module) -> bool:
+    """Whether ``model.forward`` has a ``questions`` argument and the model embeds questions (``num_questions``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "questions" in parameters and getattr(model, "num_questions", 1) != 0
+
+
 def _build_model(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a model from ``{"class_path", "init_args"}`` (a checkpoint's hyperparameters).
 
@@ -136,6 +247,11 @@ class KTModule(L.LightningModule):
     squared error of the probability against the 0/1 response) and ``ece`` (expected calibration error: 15
     equal-width bins, L1, weighted by bin counts; see :mod:`lit_kt.calibration`), computed over the scored positions of
     the batch (``batch["mask"]``) only; ``train/loss`` and ``val/loss`` are logged too.
+
+    Question-level data: batches with ``questions`` pass them to models that take them (see the module docstring);
+    batches with ``group_offset`` (expanded multi-concept questions) are predicted with :func:`leak_free_logits` in
+    training, evaluation and prediction, and the metrics score each question once with the mean probability of its
+    rows (:func:`fuse_questions`); the loss stays the mean over rows.
 
     Temperature: the ``temperature`` buffer ``T`` (1 by default, saved in checkpoints; fitted on the validation split
     by :class:`~lit_kt.calibration.TemperatureScaling` or :func:`~lit_kt.calibration.calibrate`) divides the logits
@@ -177,6 +293,7 @@ class KTModule(L.LightningModule):
             model = _build_model(model)
         self.hparams["model"] = _model_spec(model)
         self.model = model
+        self._takes_questions = _takes_questions(model)  # checked once: the forward's signature does not change
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         metrics = MetricCollection(
@@ -192,8 +309,10 @@ class KTModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def forward(self, exercises: Tensor, responses: Tensor) -> Tensor:
-        """(B, L) logits; see the model's contract."""
+    def forward(self, exercises: Tensor, responses: Tensor, questions: Tensor | None = None) -> Tensor:
+        """(B, L) logits; see the model's contract. ``questions`` (B, L) reach only models that take them."""
+        if questions is not None and self._takes_questions:
+            return self.model(exercises, responses, questions=questions)
         return self.model(exercises, responses)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -214,7 +333,7 @@ class KTModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-position probabilities of a correct answer at ``temperature``, with the batch's mask and index."""
-        probs = torch.sigmoid(self(batch["exercises"], batch["responses"]).float() / self.temperature)  # (B, L)
+        probs = torch.sigmoid(self._logits(batch).float() / self.temperature)  # (B, L)
         return {"probabilities": probs, "mask": batch["mask"], "index": batch["index"]}
 
     def configure_optimizers(self):
@@ -252,14 +371,22 @@ class KTModule(L.LightningModule):
         if isinstance(state, dict) and "temperature" not in state:
             state["temperature"] = torch.tensor(1.0)
 
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, L) logits of a batch, with its questions, free of within-question leakage (:func:`leak_free_logits`)."""
+        questions = batch.get("questions")
+        if "group_offset" not in batch:
+            return self(batch["exercises"], batch["responses"], questions)
+        return leak_free_logits(self, batch["exercises"], batch["responses"], questions, batch["group_offset"])
+
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits = self(batch["exercises"], batch["responses"])  # (B, L)
+        logits = self._logits(batch)  # (B, L)
         return masked_bce_with_logits(logits, batch["responses"], batch["mask"]), logits
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
         loss, logits = self._shared_step(batch)
         mask = batch["mask"]
-        metrics.update(torch.sigmoid(logits[mask].float() / self.temperature), batch["responses"][mask])
+        probs = torch.sigmoid(logits.float() / self.temperature)  # (B, L)
+        metrics.update(*fuse_questions(probs, batch["responses"], mask, batch.get("group_offset")))
         n = int(mask.sum())  # weight the epoch mean by scored positions, not by rows
         # sync_dist: under DDP the epoch loss is reduced over processes once, at epoch end (ranks may differ in
         # their number of evaluation batches, which is fine for an epoch-end reduction).

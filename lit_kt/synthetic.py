@@ -44,8 +44,26 @@ With ``E = num_exercises``, ``K = num_concepts``, ``N = num_students``, ``L = se
   With ``eta = 0`` the students do not learn and a student's probability on an exercise is the same
   every time they meet it.
 
+Questions (``num_questions = Q > 0``; ``Q = 0``, the default, is the model above, draw for draw)
+--------------------------------------------------------------------------------------------------
+A question level inside the exercises, for question-level models such as AKT with Rasch embeddings
+(``docs/kt_question_level.md``):
+
+* Question id ``q`` in ``1..Q`` belongs to exercise ``e_q`` (drawn as the exercises' concepts are: every
+  exercise gets at least one question) and has the Rasch difficulty
+  ``beta_q = beta_{e_q} + sigma * z_q`` with ``z_q ~ N(0, 1)`` and ``sigma = question_spread``.
+* Students draw questions instead of exercises (uniformly from ``1..Q``, or ``q_t = (t mod Q) + 1``
+  with ``fixed_order``); the sequence's ``exercises`` are ``e_{q_t}`` and its ``questions`` are ``q_t``.
+* Responses use the question's difficulty, ``p = c + (1 - c) sigmoid(alpha_{s,k}(t) - beta_{q_t})``
+  with ``k`` the concept of ``e_{q_t}``; learning is unchanged (per concept).
+
+The oracle then knows the questions' difficulties, so it stays the Bayes-optimal ceiling;
+``oracle_probabilities(use_questions=False)`` gives the question-blind reference that knows only the
+exercises' ``beta_e``.
+
 All randomness comes from ``np.random.default_rng(seed)``, drawn in a fixed order (concepts,
-difficulties, abilities, exercise ids, uniforms for the responses), so a seed gives identical data.
+difficulties, with questions their exercises and offsets, abilities, exercise or question ids, uniforms
+for the responses), so a seed gives identical data.
 The draws are vectorised over students; only the ``L`` steps are a Python loop.
 """
 
@@ -134,6 +152,10 @@ class SyntheticStudents:
             at index ``e - 1``.
         learning_rate: The ability gain ``eta`` per practice of a concept.
         guess: The guessing probability ``c``, the floor of ``P(correct)``.
+        question_exercises: ``(num_questions,)`` int64, the exercise id (``1..num_exercises``) of question
+            id ``q`` at index ``q - 1``; ``None`` without questions.
+        question_difficulty: ``(num_questions,)`` float64, the Rasch difficulty ``beta_q`` of question id
+            ``q`` at index ``q - 1``; ``None`` without questions.
     """
 
     sequences: list[StudentSequence]
@@ -142,6 +164,8 @@ class SyntheticStudents:
     exercise_difficulty: np.ndarray
     learning_rate: float
     guess: float
+    question_exercises: np.ndarray | None = None
+    question_difficulty: np.ndarray | None = None
 
     def true_probability_auc(self) -> float:
         """ROC AUC of the true probabilities against the drawn responses, over all steps of all students.
@@ -161,7 +185,9 @@ class SyntheticStudents:
         labels = np.concatenate([sequence.responses for sequence in self.sequences])
         return roc_auc(scores, labels)
 
-    def oracle_probabilities(self, grid_size: int = 401, grid_limit: float = 6.0) -> list[np.ndarray]:
+    def oracle_probabilities(
+        self, grid_size: int = 401, grid_limit: float = 6.0, use_questions: bool = True
+    ) -> list[np.ndarray]:
         """Bayes-optimal predictions: the posterior predictive probability of every response given the history.
 
         For student ``s`` at step ``t`` this is ``P(r_t = 1 | e_1..e_t, r_1..r_{t-1})`` under the true
@@ -178,9 +204,14 @@ class SyntheticStudents:
         The computation is vectorised over the students of each sequence length (the simulator gives all
         students the same length); only the steps are a Python loop.
 
+        With questions (``num_questions > 0``) the difficulty is the question's ``beta_q``: the oracle stays
+        Bayes-optimal. ``use_questions=False`` gives a question-blind reference instead, which uses the
+        exercise's ``beta_e`` for every question of the exercise.
+
         Args:
             grid_size: Number of grid points of ``alpha(0)``, at least 2.
             grid_limit: Half-width of the grid, positive.
+            use_questions: Use the questions' difficulties when the students have questions.
 
         Returns:
             Per student, a ``(L,)`` float64 array of predicted probabilities, in the order of
@@ -193,12 +224,18 @@ class SyntheticStudents:
         _check_int("grid_size", grid_size, 2)
         if not (math.isfinite(grid_limit) and grid_limit > 0.0):
             raise ValueError(f"Expected `grid_limit` to be a finite number > 0 but got {grid_limit!r}.")
-        num_exercises = self.exercise_concepts.shape[0]
-        for index, sequence in enumerate(self.sequences):
-            if sequence.exercises.size and sequence.exercises.max() > num_exercises:
+        questions = use_questions and self.question_difficulty is not None
+        if questions:
+            concepts = self.exercise_concepts[self.question_exercises - 1]  # (Q,) concept of each question
+            difficulty, what = self.question_difficulty, "question"
+        else:
+            concepts, difficulty, what = self.exercise_concepts, self.exercise_difficulty, "exercise"
+        ids = [sequence.questions if questions else sequence.exercises for sequence in self.sequences]
+        for index, sequence_ids in enumerate(ids):
+            if sequence_ids.size and sequence_ids.max() > concepts.shape[0]:
                 raise ValueError(
-                    f"Expected exercise ids in 1..{num_exercises} but student {index} has exercise id "
-                    f"{int(sequence.exercises.max())}."
+                    f"Expected {what} ids in 1..{concepts.shape[0]} but student {index} has {what} id "
+                    f"{int(sequence_ids.max())}."
                 )
         grid = np.linspace(-grid_limit, grid_limit, int(grid_size))
         lengths = np.array([sequence.exercises.size for sequence in self.sequences], dtype=np.int64)
@@ -207,13 +244,13 @@ class SyntheticStudents:
             members = np.flatnonzero(lengths == length)
             if length == 0:
                 continue
-            exercises = np.stack([self.sequences[i].exercises for i in members])
+            exercises = np.stack([ids[i] for i in members])
             responses = np.stack([self.sequences[i].responses for i in members])
             predictions = _bayes_predictions(
                 exercises,
                 responses,
-                self.exercise_concepts,
-                self.exercise_difficulty,
+                concepts,
+                difficulty,
                 float(self.learning_rate),
                 float(self.guess),
                 grid,
@@ -314,6 +351,8 @@ def generate_students(
     guess: float = 0.25,
     seed: int = 0,
     fixed_order: bool = False,
+    num_questions: int = 0,
+    question_spread: float = 1.0,
 ) -> SyntheticStudents:
     """Simulate students answering exercises, as described in the module docstring.
 
@@ -326,11 +365,18 @@ def generate_students(
         guess: Guessing probability ``c``, the floor of ``P(correct)``, in ``[0, 1)``.
         seed: Seed of ``np.random.default_rng``; the same seed gives the same data.
         fixed_order: If True, every student does exercises ``1, 2, ..., E, 1, 2, ...`` in this order
-            (the DKT paper's setting); if False, each step's exercise is drawn uniformly per student.
+            (the DKT paper's setting); if False, each step's exercise is drawn uniformly per student. With
+            questions, the same holds for question ids.
+        num_questions: Number of questions ``Q`` (ids ``1..Q``) inside the exercises, each with its own
+            Rasch difficulty (see the module docstring), at least ``num_exercises``; 0 for none (the
+            sequences then have no ``questions``, and the data are those of earlier versions).
+        question_spread: Standard deviation ``sigma`` of a question's difficulty around its exercise's,
+            at least 0.
 
     Returns:
         The simulated sequences, the true probabilities behind every response, the exercises'
-        concepts and difficulties, and the learning rate and guessing floor.
+        concepts and difficulties, the learning rate and guessing floor, and with questions their
+        exercises and difficulties.
 
     Raises:
         ValueError: If an argument is out of range; the message names the argument.
@@ -346,35 +392,59 @@ def generate_students(
     ):
         raise ValueError(f"Expected `learning_rate` to be a finite number >= 0 but got {learning_rate!r}.")
 
+    if num_questions != 0:
+        _check_int("num_questions", num_questions, num_exercises)
+    if not (
+        isinstance(question_spread, (int, float, np.floating))
+        and math.isfinite(question_spread)
+        and question_spread >= 0.0
+    ):
+        raise ValueError(f"Expected `question_spread` to be a finite number >= 0 but got {question_spread!r}.")
+
     rng = np.random.default_rng(seed)
-    n, e, k, length = int(num_students), int(num_exercises), int(num_concepts), int(seq_len)
+    n, e, k, length, nq = int(num_students), int(num_exercises), int(num_concepts), int(seq_len), int(num_questions)
 
     # Exercises: every concept at least once, the rest uniform, shuffled over the ids.
     concepts = np.concatenate([np.arange(k), rng.integers(0, k, size=e - k)]).astype(np.int64)
     rng.shuffle(concepts)
     difficulty = rng.standard_normal(e)
+    # Questions (only when asked for, so that nq = 0 draws exactly what earlier versions drew): every exercise at
+    # least once, the rest uniform, shuffled; difficulty = the exercise's + sigma * N(0, 1).
+    item_exercise = np.arange(e, dtype=np.int64)  # (items,) 0-based exercise of each item the students draw
+    item_difficulty = difficulty
+    if nq:
+        item_exercise = np.concatenate([np.arange(e), rng.integers(0, e, size=nq - e)]).astype(np.int64)
+        rng.shuffle(item_exercise)
+        item_difficulty = difficulty[item_exercise] + question_spread * rng.standard_normal(nq)
+    items = item_exercise.shape[0]
 
-    # Students: initial abilities, exercise ids, and uniforms deciding the responses.
+    # Students: initial abilities, exercise (or question) ids, and uniforms deciding the responses.
     ability = rng.standard_normal((n, k))
     if fixed_order:
-        exercises = np.broadcast_to(np.arange(length, dtype=np.int64) % e + 1, (n, length)).copy()
+        drawn = np.broadcast_to(np.arange(length, dtype=np.int64) % items + 1, (n, length)).copy()
     else:
-        exercises = rng.integers(1, e + 1, size=(n, length), dtype=np.int64)
+        drawn = rng.integers(1, items + 1, size=(n, length), dtype=np.int64)
     uniforms = rng.random((n, length))
+    exercises = item_exercise[drawn - 1] + 1 if nq else drawn  # (n, length)
 
     probabilities = np.empty((n, length), dtype=np.float64)
     rows = np.arange(n)
     for t in range(length):
-        exercise = exercises[:, t] - 1
-        concept = concepts[exercise]
-        logit = ability[rows, concept] - difficulty[exercise]
+        item = drawn[:, t] - 1
+        concept = concepts[item_exercise[item]]
+        logit = ability[rows, concept] - item_difficulty[item]
         # sigmoid(x) = (1 + tanh(x / 2)) / 2, which does not overflow for large |x|.
         probabilities[:, t] = guess + (1.0 - guess) * 0.5 * (1.0 + np.tanh(0.5 * logit))
         ability[rows, concept] += learning_rate
     responses = (uniforms < probabilities).astype(np.int64)
 
     sequences = [
-        StudentSequence(exercises=exercises[s].copy(), responses=responses[s].copy(), student=f"synthetic-{s}")
+        StudentSequence(
+            exercises=exercises[s].copy(),
+            responses=responses[s].copy(),
+            student=f"synthetic-{s}",
+            questions=drawn[s].copy() if nq else None,
+        )
         for s in range(n)
     ]
     return SyntheticStudents(
@@ -384,4 +454,6 @@ def generate_students(
         exercise_difficulty=difficulty,
         learning_rate=float(learning_rate),
         guess=float(guess),
+        question_exercises=item_exercise + 1 if nq else None,
+        question_difficulty=item_difficulty if nq else None,
     )

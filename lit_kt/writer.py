@@ -23,6 +23,11 @@ class PredictionWriter(BasePredictionWriter):
     ``probability`` (the predicted probability of a correct answer). Each interaction appears once (context-only
     positions of overlapping windows are skipped). Under DDP every process writes ``<stem>.rank<r><suffix>``.
 
+    Question-level data add columns after ``exercise``: ``question`` when the sequences have questions, and
+    ``interaction`` (the 0-based index of the original interaction, shared by the rows expanded from one
+    multi-concept question) when they have ``interaction_ids``. Each expanded row gets its own leak-free probability
+    (see :func:`lit_kt.module.leak_free_logits`); the question's score in the metrics is their mean.
+
     The file is replaced atomically: the rows go to a temporary file in the same folder
     (``.<name>.<random>.tmp``), which is flushed to disk and then renamed onto the target, so a run that dies while
     writing leaves the previous file (or none) intact, never a truncated one. A temporary file that was being written
@@ -54,7 +59,11 @@ class PredictionWriter(BasePredictionWriter):
         Yields:
             The header, then one row per scored interaction.
         """
-        yield COLUMNS
+        first = dataset.sequences[0] if len(dataset.sequences) else None
+        questions = first is not None and first.questions is not None
+        groups = first is not None and first.interaction_ids is not None
+        extra = ["question"] * questions + ["interaction"] * groups
+        yield [*COLUMNS[:4], *extra, *COLUMNS[4:]]
         for batch in predictions:
             probs, mask = batch["probabilities"].float().cpu(), batch["mask"].cpu()
             for row, index in enumerate(batch["index"].tolist()):
@@ -62,8 +71,11 @@ class PredictionWriter(BasePredictionWriter):
                 seq = dataset.sequences[window.sequence]
                 for j in mask[row].nonzero().flatten().tolist():
                     pos = window.start + j
-                    yield [window.sequence, seq.student or "", pos, int(seq.exercises[pos]), int(seq.responses[pos]),
-                           f"{float(probs[row, j]):.6f}"]  # fmt: skip
+                    ids = ([int(seq.questions[pos])] if questions else []) + (
+                        [int(seq.interaction_ids[pos])] if groups else []
+                    )
+                    yield [window.sequence, seq.student or "", pos, int(seq.exercises[pos]), *ids,
+                           int(seq.responses[pos]), f"{float(probs[row, j]):.6f}"]  # fmt: skip
 
 
 def write_csv_atomically(path: Path, rows: Iterable[Sequence[Any]]) -> None:
