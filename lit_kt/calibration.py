@@ -235,7 +235,10 @@ def collect_logits(module: torch.nn.Module, dataloader: Iterable[dict[str, Tenso
         dataloader: Batches with ``exercises``, ``responses`` and ``mask`` (a :class:`~lit_kt.KTDataModule` loader).
 
     Returns:
-        ``(logits, labels)``, both 1-D float32 on the CPU.
+        ``(logits, labels)``, both 1-D float32 on the CPU. For a :class:`~lit_kt.KTModule` the logits are those of
+        its metrics (its ``_logits``: with the batch's ``questions``, and leak-free for expanded multi-concept
+        questions); the temperature is fitted on the rows (each row of an expanded question carries its response),
+        and the metrics then average the scaled probabilities of a question's rows.
     """
     trainer = getattr(module, "_trainer", None)
     device = next(module.parameters()).device
@@ -246,7 +249,10 @@ def collect_logits(module: torch.nn.Module, dataloader: Iterable[dict[str, Tenso
         for batch in dataloader:
             mask, responses = batch["mask"].to(device), batch["responses"].to(device)
             with trainer.precision_plugin.forward_context() if trainer is not None else nullcontext():
-                z = module(batch["exercises"].to(device), responses)
+                if hasattr(module, "_logits"):  # a KTModule: questions and leak-free multi-concept logits included
+                    z = module._logits({k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+                else:
+                    z = module(batch["exercises"].to(device), responses)
             logits.append(z[mask].float())
             labels.append(responses[mask].float())
     finally:

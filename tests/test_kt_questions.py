@@ -381,3 +381,34 @@ def test_prediction_writer_adds_question_and_interaction_columns(tmp_path: Path)
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0] == "sequence,student,position,exercise,question,interaction,response,probability"
     assert lines[2].startswith("0,s,1,2,4,0,1,") and len(lines) == 7
+
+
+def test_calibration_collects_the_logits_of_the_metrics_with_questions() -> None:
+    """Temperature scaling fits on the logits the metrics see: with the questions (Rasch) and leak-free rows."""
+    from lit_kt.calibration import collect_logits
+
+    torch.manual_seed(0)
+    akt = AKT(num_exercises=4, num_questions=6, d_model=8, num_heads=2, d_ff=8)
+    with torch.no_grad():
+        akt.difficulty.weight.normal_()  # questions now change the logits
+    module = AKTModule(akt).eval()
+    batch = {
+        "exercises": torch.tensor([[1, 2, 2, 3, 0], [4, 1, 3, 0, 0]]),
+        "responses": torch.tensor([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0]]),
+        "questions": torch.tensor([[1, 2, 2, 5, 0], [6, 3, 4, 0, 0]]),
+        "group_offset": torch.tensor([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]),  # question 2 expanded into two rows
+        "mask": torch.tensor([[True, True, True, True, False], [True, True, True, False, False]]),
+    }
+    logits, labels = collect_logits(module, [batch])
+    with torch.no_grad():
+        expected = leak_free_logits(
+            lambda e, r, q: akt(e, r, questions=q),
+            batch["exercises"],
+            batch["responses"],
+            batch["questions"],
+            batch["group_offset"],
+        )[batch["mask"]]
+        blind = akt(batch["exercises"], batch["responses"])[batch["mask"]]
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, blind)  # the question-blind logits are not what was collected
+    assert labels.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
