@@ -360,10 +360,23 @@ class KTModule(L.LightningModule):
             torch.set_flush_denormal(False)
 
     def predict_next(
-        self, exercises: Sequence[int], responses: Sequence[int], candidates: int | Sequence[int]
+        self,
+        exercises: Sequence[int],
+        responses: Sequence[int],
+        candidates: int | Sequence[int],
+        questions: Sequence[int] | None = None,
+        candidate_questions: int | Sequence[int] | None = None,
     ) -> Tensor:
         """Probability of a correct answer on each next candidate at ``temperature``; see :func:`predict_next`."""
-        return predict_next(self.model, exercises, responses, candidates, temperature=float(self.temperature))
+        return predict_next(
+            self.model,
+            exercises,
+            responses,
+            candidates,
+            temperature=float(self.temperature),
+            questions=questions,
+            candidate_questions=candidate_questions,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before the temperature buffer existed load with T = 1 under strict loading.

@@ -412,3 +412,31 @@ def test_calibration_collects_the_logits_of_the_metrics_with_questions() -> None
     torch.testing.assert_close(logits, expected)
     assert not torch.allclose(logits, blind)  # the question-blind logits are not what was collected
     assert labels.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_predict_next_with_questions_matches_the_forward() -> None:
+    from lit_kt import predict_next
+
+    torch.manual_seed(0)
+    akt = AKT(num_exercises=4, num_questions=6, d_model=8, num_heads=2, d_ff=8).eval()
+    with torch.no_grad():
+        akt.difficulty.weight.normal_()
+    ex, resp, q = [1, 2, 3], [1, 0, 1], [2, 3, 5]
+    got = predict_next(akt, ex, resp, [4, 2], questions=q, candidate_questions=[6, 1])
+    with torch.no_grad():
+        full = akt(torch.tensor([ex + [4], ex + [2]]), torch.tensor([resp + [0]] * 2), torch.tensor([q + [6], q + [1]]))
+    torch.testing.assert_close(got, torch.sigmoid(full[:, -1]))
+    # The question changes the prediction of the same concept.
+    other = predict_next(akt, ex, resp, [4, 2], questions=q, candidate_questions=[5, 4])
+    assert not torch.allclose(got, other)
+    assert torch.allclose(AKTModule(akt).predict_next(ex, resp, [4, 2], q, [6, 1]), got)
+    with pytest.raises(ValueError, match="candidate_questions"):
+        predict_next(akt, ex, resp, [4], questions=q)
+    with pytest.raises(ValueError, match=r"num_questions \(6\) but got 7 at position 1"):
+        predict_next(akt, ex, resp, [4], questions=[1, 7, 2], candidate_questions=[1])
+    with pytest.raises(ValueError, match="length of `candidates`"):
+        predict_next(akt, ex, resp, [4], questions=q, candidate_questions=[1, 2])
+    with pytest.raises(ValueError, match="embeds question ids"):
+        predict_next(
+            AKT(num_exercises=4, d_model=8, num_heads=2, d_ff=8), ex, resp, [4], questions=q, candidate_questions=[1]
+        )
