@@ -1,6 +1,7 @@
-"""Training and predict throughput of ``lit_kt``'s SAKT and DKT against pyKT's own classes, in one process.
+"""Training and predict throughput of ``lit_kt``'s SAKT, DKT and AKT against pyKT's own classes, in one process.
 
     python scripts/bench_vs_pykt.py --json /tmp/peers/pykt.json
+    python scripts/bench_vs_pykt.py --models akt --threads 1 --json out/pykt_akt.json
 
 Needs ``pip install --no-deps pykt-toolkit`` plus ``pip install pandas scikit-learn`` (``pykt/__init__.py`` imports
 its data and evaluation code, which import them); without ``--no-deps`` pip also pulls wandb and friends.
@@ -12,21 +13,38 @@ right-padded to ``--max-len`` by default so that every batch has the shape pyKT'
 alternate, ours then pyKT's on the same batch, so that load from other jobs on the machine hits both alike; the first
 ``--warmup`` steps of each side are left out.
 
-* Ours: ``lit_kt.SAKT`` / ``lit_kt.DKT`` ``forward(exercises, responses)`` -> (B, L) logits,
+* Ours: ``lit_kt.SAKT`` / ``lit_kt.DKT`` / ``lit_kt.AKT`` ``forward(exercises, responses)`` -> (B, L) logits,
   :func:`~lit_kt.masked_bce_with_logits` over the real positions, ``backward``, ``Adam.step``.
   Given the same padded batch, our models skip the padding themselves on CPU (SAKT: position-wise layers on the
-  real positions, attention cut to each row's length; DKT: the LSTM on groups of similar-length rows), with the same
-  outputs at the real positions (``tests/test_kt_fast_paths.py``); that is part of what is measured.
-* pyKT: ``pykt.models.sakt.SAKT`` / ``pykt.models.dkt.DKT`` fed through pyKT's own training path,
-  ``pykt.models.train_model.model_forward`` (SAKT ``forward(c, r, cshft)``; DKT ``forward(c, r)`` then the
-  ``one_hot(cshft)`` selection; BCE in float64 on the selected positions), ``backward``, ``Adam.step``. Its batch is
-  the dict pyKT's ``KTDataset`` returns for the same window: 0-based concept ids, the sequence and its shift by one
-  (so it scores positions 1..n-1 of each window; ours also scores position 0 from a start token).
+  real positions, attention cut to each row's length; DKT: the LSTM on groups of similar-length rows; AKT:
+  position-wise layers on the real positions, attention on groups of similar-length rows, each cut to its longest),
+  with the same outputs at the real positions (``tests/test_kt_fast_paths.py``, ``tests/test_akt_fast.py``); that is
+  part of what is measured.
+* pyKT: ``pykt.models.sakt.SAKT`` / ``pykt.models.dkt.DKT`` / ``pykt.models.akt.AKT`` fed through pyKT's own training
+  path, ``pykt.models.train_model.model_forward`` (SAKT ``forward(c, r, cshft)``; DKT ``forward(c, r)`` then the
+  ``one_hot(cshft)`` selection; AKT ``forward(cc, cr, cq)`` on the whole sequence, predictions ``[:, 1:]``, plus its
+  Rasch penalty, 0 here; BCE in float64 on the selected positions), ``backward``, ``Adam.step``. Its batch is the
+  dict pyKT's ``KTDataset`` returns for the same window: 0-based concept ids, the sequence and its shift by one (so it
+  scores positions 1..n-1 of each window; ours also scores position 0 from a start token, or for AKT from the
+  question alone).
 
 Model settings follow pyKT's shipped ``configs/kt_config.json`` (SAKT ``emb_size`` 256, 8 heads, ``num_en`` 1,
-dropout 0.2; DKT ``emb_size`` 200, dropout 0.1; ``seq_len`` 200, Adam lr 1e-3) except the batch: 64 instead of 256
-so that the run takes a few minutes on a small CPU (``--batch-size 256`` gives pyKT's). Our models get the same
-widths, heads, blocks, dropout and length (``max_len`` = pyKT's ``seq_len``).
+dropout 0.2; DKT ``emb_size`` 200, dropout 0.1; AKT ``d_model`` 256, ``d_ff`` 256, ``n_blocks`` 1, dropout 0.05, and
+the class defaults ``num_attn_heads`` 8, ``final_fc_dim`` 512, ``kq_same`` 1; ``seq_len`` 200, Adam lr 1e-3 (pyKT's
+AKT entry says 1e-5; the rate does not change a step's cost)) except the batch: 64 instead of 256 so that the run
+takes a few minutes on a small CPU (``--batch-size 256`` gives pyKT's). Our models get the same widths, heads,
+blocks, dropout and length (``max_len`` = pyKT's ``seq_len``).
+
+AKT's mapping. ASSIST2009 has concept ids only: pyKT's AKT runs with ``n_pid`` 0 (no Rasch embeddings), ours without
+``questions``. pyKT's ``n_blocks`` gives ``blocks_1``, ``n_blocks`` blocks encoding the interactions, and
+``blocks_2``, ``2 n_blocks`` blocks alternating question self-attention (no feed-forward) and knowledge retrieval
+(queries and keys the questions, values the encoded interactions, strictly past). Ours: ``num_encoder_layers`` =
+``num_retriever_layers`` = ``n_blocks`` (question encoder, interaction encoder and retriever of ``n_blocks`` blocks
+each, the same ``3 n_blocks`` attentions; our question-encoder blocks have a feed-forward, pyKT's do not, so ours does
+a little more work). Widths, heads and dropout are pyKT's; our output MLP is ``2 d_model -> d_ff -> d_ff / 2 -> 1``
+(256 -> 128 at ``d_ff`` 256), pyKT's ``2 d_model -> final_fc_dim -> 256 -> 1`` (512 -> 256). The attentions differ in
+small ways that cost about the same: pyKT takes the square root of the distance and clamps the decay to
+[1e-5, 1e5]; ours follows the paper.
 
 Predict throughput: ``eval()`` forward under ``torch.no_grad`` returning probabilities (ours: ``sigmoid`` of the
 logits, as ``KTModule.predict_step``; pyKT's models return probabilities), same batches, alternated too.
@@ -45,8 +63,9 @@ Options beyond the default like-for-like run (same windows on both sides whateve
 Everything runs once per ``--threads`` entry (``1`` = ``torch.set_num_threads(1)``, ``0`` = torch's default).
 Prints and writes (``--json``) per thread setting and model: mean and median seconds per step for each side,
 non-padded interactions per second (the batch's real interactions over the mean step time, the same count for both
-sides) and ``speedup`` = pyKT seconds per step / ours. The top-level ``sakt_speedup``, ``dkt_speedup`` and
-``sakt_predict_speedup`` are those of the first ``--threads`` entry.
+sides) and ``speedup`` = pyKT seconds per step / ours. The top-level ``<model>_speedup`` and
+``<model>_predict_speedup`` (``sakt_speedup``, ``dkt_speedup``, ``akt_speedup``, ...) are those of the first
+``--threads`` entry, for the models run (``--models``, default ``sakt,dkt``).
 """
 
 from __future__ import annotations
@@ -61,10 +80,11 @@ import numpy as np
 import torch
 from _bench import dist_version, emit, machine
 
-from lit_kt import DKT, SAKT, KTDataset, collate_kt, masked_bce_with_logits, read_three_line
+from lit_kt import AKT, DKT, SAKT, KTDataset, collate_kt, masked_bce_with_logits, read_three_line
 
 INSTALL_HINT = "pip install --no-deps pykt-toolkit && pip install pandas scikit-learn"
 MIN_WINDOW = 3  # pyKT's min_seq_len: its preprocessing drops shorter sequences and remainders
+MODELS = ("sakt", "dkt", "akt")
 
 
 # The shared data sets beside the repository (../shared/data), wherever it is checked out.
@@ -72,14 +92,15 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def import_pykt():
-    """pyKT's SAKT, DKT and training forward, or a clear message saying what to install."""
+    """pyKT's SAKT, DKT, AKT and training forward, or a clear message saying what to install."""
     try:
+        from pykt.models.akt import AKT as PyKTAKT
         from pykt.models.dkt import DKT as PyKTDKT
         from pykt.models.sakt import SAKT as PyKTSAKT
         from pykt.models.train_model import model_forward
     except ImportError as err:
         raise SystemExit(f"Could not import pyKT ({err}). Install it with: {INSTALL_HINT}") from err
-    return PyKTSAKT, PyKTDKT, model_forward
+    return PyKTSAKT, PyKTDKT, PyKTAKT, model_forward
 
 
 def window_order(lengths: np.ndarray, a: argparse.Namespace) -> list[np.ndarray]:
@@ -137,11 +158,33 @@ def pykt_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_models(name: str, num_exercises: int, a: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
-    PyKTSAKT, PyKTDKT, _ = import_pykt()
+    PyKTSAKT, PyKTDKT, PyKTAKT, _ = import_pykt()
     torch.manual_seed(a.seed)
     if name == "sakt":
         ours = SAKT(num_exercises, a.sakt_d_model, a.sakt_heads, a.sakt_layers, a.max_len, a.sakt_dropout)
         peer = PyKTSAKT(num_exercises, a.max_len, a.sakt_d_model, a.sakt_heads, a.sakt_dropout, num_en=a.sakt_layers)
+    elif name == "akt":
+        # pyKT's n_blocks: that many interaction-encoder blocks and as many (question attention, retrieval) pairs;
+        # ours: as many blocks in each of the question encoder, interaction encoder and retriever (see the docstring).
+        ours = AKT(
+            num_exercises,
+            d_model=a.akt_d_model,
+            num_heads=a.akt_heads,
+            d_ff=a.akt_d_ff,
+            num_encoder_layers=a.akt_blocks,
+            num_retriever_layers=a.akt_blocks,
+            dropout=a.akt_dropout,
+        )
+        peer = PyKTAKT(
+            num_exercises,
+            0,  # n_pid: concept ids only, no Rasch embeddings
+            a.akt_d_model,
+            a.akt_blocks,
+            a.akt_dropout,
+            d_ff=a.akt_d_ff,
+            final_fc_dim=a.akt_final_fc_dim,
+            num_attn_heads=a.akt_heads,
+        )
     else:
         ours = DKT(num_exercises, hidden_size=a.dkt_hidden, embedding_dim=a.dkt_hidden, dropout=a.dkt_dropout)
         peer = PyKTDKT(num_exercises, a.dkt_hidden, dropout=a.dkt_dropout)
@@ -175,7 +218,7 @@ def summarize(times: dict[str, list[float]], interactions: float) -> dict:
 
 
 def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises: int, a) -> dict:
-    _, _, model_forward = import_pykt()
+    *_, model_forward = import_pykt()
     ours, peer = build_models(name, num_exercises, a)
     ours_opt = torch.optim.Adam(ours.parameters(), lr=a.lr)
     peer_opt = torch.optim.Adam(peer.parameters(), lr=a.lr)
@@ -203,6 +246,9 @@ def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises
         with torch.no_grad():
             if name == "sakt":
                 return peer(d["cseqs"].long(), d["rseqs"].long(), d["shft_cseqs"].long())
+            if name == "akt":  # as model_forward: the whole sequence in, predictions for positions 1.. out
+                whole = {k: torch.cat([d[k][:, :1], d["shft_" + k]], dim=1).long() for k in ("cseqs", "rseqs", "qseqs")}
+                return peer(whole["cseqs"], whole["rseqs"], whole["qseqs"])[0][:, 1:]
             y = peer(d["cseqs"].long(), d["rseqs"].long())
             return (y * torch.nn.functional.one_hot(d["shft_cseqs"].long(), peer.num_c)).sum(-1)
 
@@ -221,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(SHARED_DATA / "kt/assist2009"), help="folder of the three-line files")
     p.add_argument("--file", default="train.csv", help="three-line file to cut into windows")
-    p.add_argument("--models", default="sakt,dkt", help="comma-separated subset of sakt,dkt")
+    p.add_argument("--models", default="sakt,dkt", help="comma-separated subset of sakt,dkt,akt")
     p.add_argument("--max-len", type=int, default=200, help="window length = our max_len = pyKT's seq_len")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
@@ -250,6 +296,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sakt-dropout", type=float, default=0.2)
     p.add_argument("--dkt-hidden", type=int, default=200, help="DKT hidden and embedding width (pyKT emb_size)")
     p.add_argument("--dkt-dropout", type=float, default=0.1)
+    p.add_argument("--akt-d-model", type=int, default=256, help="AKT width (pyKT d_model)")
+    p.add_argument("--akt-heads", type=int, default=8, help="AKT heads (pyKT num_attn_heads)")
+    p.add_argument("--akt-d-ff", type=int, default=256, help="AKT feed-forward width (pyKT d_ff; ours: also its head)")
+    p.add_argument(
+        "--akt-blocks",
+        type=int,
+        default=1,
+        help="pyKT n_blocks; ours gets num_encoder_layers = num_retriever_layers = this (see the docstring)",
+    )
+    p.add_argument("--akt-dropout", type=float, default=0.05)
+    p.add_argument("--akt-final-fc-dim", type=int, default=512, help="pyKT's output MLP width (final_fc_dim)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=10, help="timed training steps of each side")
     p.add_argument("--predict-steps", type=int, default=10, help="timed predict steps of each side")
@@ -259,8 +316,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
-    if not a.models or set(a.models) - {"sakt", "dkt"}:
-        p.error(f"Expected `--models` to be a comma-separated subset of sakt,dkt but got {','.join(a.models)!r}.")
+    if not a.models or set(a.models) - set(MODELS):
+        p.error(
+            f"Expected `--models` to be a comma-separated subset of {','.join(MODELS)} but got {','.join(a.models)!r}."
+        )
     a.threads = [int(t) for t in a.threads.split(",")]
     for name in ("max_len", "batch_size", "steps", "predict_steps"):
         if getattr(a, name) < 1:
@@ -318,6 +377,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "sakt_dropout",
                 "dkt_hidden",
                 "dkt_dropout",
+                "akt_d_model",
+                "akt_heads",
+                "akt_d_ff",
+                "akt_blocks",
+                "akt_dropout",
+                "akt_final_fc_dim",
                 "lr",
                 "steps",
                 "predict_steps",

@@ -40,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_kt.models.dropout import FastDropout, fast_dropout
+from lit_kt.models.dropout import FastDropout, fast_dropout, keep_mask, kept_scale, quantized_drop_probability
 from lit_kt.models.padding import may_skip_padding, row_lengths
+
+CACHE_BYTES = 1 << 20  # one (C, m, m) tensor of a piece of the chunked attention: the piece's few stay in L2 and L3
 
 
 def monotonic_attention(
@@ -70,20 +72,186 @@ def monotonic_attention(
     """
     L = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, L, L)
-    allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril_(-1 if strict else 0)  # (L, L) key <= / < t
+    blocked, gap = _blocked(L, strict, q.device), _constants(L, q.device, scores.dtype)[1]  # (L, L) each
     # The finite fill keeps a row with no allowed key (query 0 when strict) free of NaNs; it is zeroed below.
     fill = torch.finfo(scores.dtype).min
     with torch.no_grad():
-        gamma = scores.masked_fill(~allowed, fill).softmax(dim=-1).masked_fill_(~allowed, 0.0)  # (B, H, L, L)
-        # Mass strictly after tau up to the last allowed key: the row total minus the running sum up to tau.
-        after = gamma.sum(dim=-1, keepdim=True) - gamma.cumsum(dim=-1)  # (B, H, L, L)
-        positions = torch.arange(L, device=q.device)
-        gap = (positions[:, None] - positions[None, :]).abs().to(scores.dtype)  # (L, L) |t - tau|
-        distance = (after * gap).clamp_(min=0.0)  # (B, H, L, L); the clamp removes cumsum round-off below 0
+        gamma = scores.masked_fill(blocked, fill).softmax(dim=-1).masked_fill_(blocked, 0.0)  # (B, H, L, L)
+        # Mass strictly after tau up to the last allowed key: the row total minus the running sum up to tau
+        # (in place; the clamp removes cumsum round-off below 0).
+        total = gamma.sum(dim=-1, keepdim=True)  # (B, H, L, 1): 1, or 0 for a row with no allowed key
+        distance = gamma.cumsum_(dim=-1).neg_().add_(total).mul_(gap).clamp_(min=0.0)  # (B, H, L, L)
     decay = torch.exp(-theta.view(-1, 1, 1) * distance)  # (B, H, L, L), in (0, 1], differentiable in theta
-    weights = (scores * decay).masked_fill(~allowed, fill).softmax(dim=-1).masked_fill(~allowed, 0.0)
+    weights = (scores * decay).masked_fill_(blocked, fill).softmax(dim=-1).masked_fill(blocked, 0.0)
     out = fast_dropout(weights, dropout, training) @ v  # (B, H, L, Dh)
     return out, weights
+
+
+_BLOCKED: dict[tuple[torch.device, bool], Tensor] = {}
+
+
+def _blocked(n: int, strict: bool, device: torch.device) -> Tensor:
+    """(n, n) bool, ``True`` at the keys a query may not see (``> t``, or ``>= t`` when ``strict``); cached prefix."""
+    key = (device, strict)
+    if key not in _BLOCKED or _BLOCKED[key].shape[0] < n:
+        size = max(n, 2 * _BLOCKED[key].shape[0] if key in _BLOCKED else 256)
+        _BLOCKED[key] = torch.ones(size, size, dtype=torch.bool, device=device).triu_(0 if strict else 1)
+    return _BLOCKED[key][:n, :n]
+
+
+_CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _constants(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The (n, n) additive causal mask (0 for keys ``<= t``, a large negative number above) and ``|t - tau|``.
+
+    Both are prefixes of one cached pair per device and dtype, grown when a longer sequence comes: building them
+    anew for every attention was one more (L, L) pass per call. The mask is finite (half the dtype's lowest value),
+    so that a masked score times a decay of 1 stays finite and ``0 * score`` is 0 in the backward pass.
+    """
+    key = (device, dtype)
+    if key not in _CONSTANTS or _CONSTANTS[key][0].shape[0] < n:
+        size = max(n, 2 * _CONSTANTS[key][0].shape[0] if key in _CONSTANTS else 256)
+        mask = torch.zeros(size, size, dtype=dtype, device=device)
+        mask.masked_fill_(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), torch.finfo(dtype).min / 2)
+        positions = torch.arange(size, device=device)
+        gap = (positions[:, None] - positions[None, :]).abs().to(dtype)
+        _CONSTANTS[key] = (mask, gap)
+    mask, gap = _CONSTANTS[key]
+    return mask[:n, :n], gap[:n, :n]
+
+
+def length_chunks(lengths: list[int], num_heads: int, element_bytes: int) -> list[tuple[int, int, int]]:
+    """``(i0, i1, m)`` pieces of a batch whose rows are sorted by length, longest first, for the chunked attention.
+
+    Rows ``i0:i1`` run together, cut to their longest row ``m``: each piece's (rows, heads, m, m) tensors stay near
+    :data:`CACHE_BYTES`, and a piece of short rows skips the padding that the batch's longest row would add.
+    All-padding rows (length 0) are left out.
+    """
+    chunks = []
+    i, B = 0, sum(1 for n in lengths if n > 0)
+    while i < B:
+        m = lengths[i]
+        rows = max(1, CACHE_BYTES // (num_heads * m * m * element_bytes))
+        chunks.append((i, min(i + rows, B), m))
+        i += rows
+    return chunks
+
+
+def _piece(x: Tensor, i0: int, i1: int, t0: int, t1: int) -> Tensor:
+    """Rows ``i0:i1``, positions ``t0:t1`` of ``x`` (B, H, n, Dh) as (rows * H, t1 - t0, Dh): a view, no copy."""
+    return x[i0:i1, :, t0:t1].flatten(0, 1)
+
+
+class ChunkedMonotonicAttention(torch.autograd.Function):
+    """:func:`monotonic_attention` of a length-sorted batch, piece by piece, with a hand-written backward pass.
+
+    Inputs ``q``, ``k``, ``v`` are (B, n, H, Dh) (positions before heads, as the projections give them), with rows
+    sorted by length, longest first; ``theta`` is (H,); ``chunks`` come from :func:`length_chunks`; ``p`` is the
+    attention dropout (0 when not training) and ``seed`` seeds its masks. Returns the output (B, n, H, Dh);
+    positions after a row's length are unspecified (the queries there may see padding), and with ``strict`` row 0 is
+    0. Same maths as :func:`monotonic_attention`, which stays the plain reference; what differs:
+
+    * each piece is cut to its longest row, so short rows skip the batch's padding, and its (C, m, m) tensors
+      (``C`` = rows x heads) are small enough to stay in cache between the passes;
+    * strict attention (keys ``< t``) runs as non-strict attention of queries ``1..m-1`` over keys ``0..m-2`` with
+      distances ``|t - tau| + 1``: every row then has an allowed key, so no row needs a fill-and-zero;
+    * gamma's rows sum to 1, so the mass after ``tau`` is ``1 - cumsum``; the passes over (C, m, m) are few and
+      in place where they can be (a cached additive causal mask, ``addcmul`` for the distance);
+    * the backward pass is written out and keeps, per piece, the weights before and after dropout, the decay and
+      ``scores * distance`` (for the gradient of ``theta``), instead of autograd's dozen (B, H, L, L) tensors;
+    * the dropout mask is drawn as bools (:func:`~lit_kt.models.dropout.keep_mask`) and multiplied in; its scale
+      ``1 / (1 - p)`` goes on the (m, Dh) values and their gradient rather than on the (m, m) weights, and the
+      backward pass reuses the dropped weights rather than drawing the mask again.
+
+    Backward, per piece with ``Z = S * decay`` the decayed scores, ``W`` the weights, ``K`` the kept mask and
+    ``s = 1 / (1 - p)``: ``dV = (s W K)^T dOut``, ``dW = s (dOut V^T) K``, ``dZ = W (dW - rowsum(dOut * out))``,
+    ``dS = dZ * decay``, ``dtheta_h = -sum(dS * S * distance)`` over the piece's rows of head ``h``,
+    ``dq = dS k / sqrt(Dh)``, ``dk = dS^T q / sqrt(Dh)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, theta, chunks, strict, p, seed):
+        B, n, H, Dh = q.shape
+        scale = Dh**-0.5
+        # Heads first, once: every piece below is then a view (B, H, n, Dh) -> (rows * H, m, Dh).
+        q_h = q.transpose(1, 2).contiguous()
+        k_h = q_h if k is q else k.transpose(1, 2).contiguous()
+        v_h = v.transpose(1, 2).contiguous()
+        q_scaled = q_h * scale  # (B, H, n, Dh): the scale on the small side of the product
+        off = int(strict)  # strict: query t + 1 over keys <= t, at distance |t - tau| + 1
+        mask, gap = _constants(max(n - off, 0), q.device, q.dtype)  # (n', n') each
+        gap = gap + off if off else gap
+        neg_theta = -theta.detach().view(H, 1, 1)  # (H, 1, 1)
+        generator = None
+        if p > 0:
+            generator = torch.Generator(device=q.device)
+            generator.manual_seed(seed)
+        out = q_h.new_zeros(B, H, n, Dh)
+        saved = []
+        keep_for_backward = any(ctx.needs_input_grad[:4])
+        for i0, i1, m in chunks:
+            mq = m - off  # queries (and keys) in this piece
+            if mq <= 0:
+                saved.append(None)
+                continue
+            r = i1 - i0
+            qc, kc, vc = _piece(q_scaled, i0, i1, off, m), _piece(k_h, i0, i1, 0, mq), _piece(v_h, i0, i1, 0, mq)
+            scores = torch.bmm(qc, kc.transpose(1, 2)).add_(mask[:mq, :mq])  # (C, mq, mq), masked above the diagonal
+            # Mass after tau: 1 - cumsum(gamma); distance = that times the gap, in one pass over the cumsum's buffer.
+            cum = scores.softmax(dim=-1).cumsum_(dim=-1)  # (C, mq, mq); gamma has no gradient (the paper)
+            g = gap[:mq, :mq]
+            # At masked keys cum is 1 (up to round-off): distance ~0, decay ~1, and the score stays hugely negative.
+            distance = torch.addcmul(g, cum, g, value=-1, out=cum).view(r, H, mq, mq)
+            decay = (distance * neg_theta).exp_()  # (r, H, mq, mq)
+            scored_distance = scores.view(r, H, mq, mq) * distance if keep_for_backward else None
+            weights = scores.view(r, H, mq, mq).mul_(decay).softmax(dim=-1).view(-1, mq, mq)  # (C, mq, mq)
+            dropped = weights  # (C, mq, mq) the weights after dropout, without its scale (that goes on the values)
+            if p > 0:
+                keep = keep_mask(weights.shape, p, q.device, generator)
+                # uint8 -> float, then multiply: several times faster on CPU than a float-times-bool product.
+                dropped = keep.view(torch.uint8).to(weights.dtype).mul_(weights)
+            attn = torch.bmm(dropped, vc * kept_scale(p) if p > 0 else vc)  # (C, mq, Dh)
+            out[i0:i1, :, off:m] = attn.view(r, H, mq, Dh)
+            if keep_for_backward:
+                saved.append((weights, dropped, decay, scored_distance))
+        ctx.save_for_backward(q_h, k_h, v_h, out)
+        ctx.saved, ctx.chunks, ctx.off, ctx.p, ctx.same_qk = saved, chunks, off, p, k is q
+        return out.transpose(1, 2)  # (B, n, H, Dh)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out = ctx.saved_tensors  # (B, H, n, Dh) each
+        B, H, n, Dh = q.shape
+        scale, off, p = Dh**-0.5, ctx.off, ctx.p
+        value_scale = kept_scale(p) if p > 0 else 1.0
+        grad_out = grad_out.transpose(1, 2).contiguous()  # (B, H, n, Dh)
+        row = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, H, n, 1) rowsum(dW * W) = rowsum(dOut * out)
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad_theta = q.new_zeros(H)
+        for (i0, i1, m), piece in zip(ctx.chunks, ctx.saved, strict=True):
+            if piece is None:
+                continue
+            weights, dropped, decay, scored_distance = piece
+            mq, r = m - off, i1 - i0
+            qc, kc, vc = _piece(q, i0, i1, off, m), _piece(k, i0, i1, 0, mq), _piece(v, i0, i1, 0, mq)
+            go = _piece(grad_out, i0, i1, off, m)  # (C, mq, Dh)
+            go = go * value_scale if p > 0 else go
+            grad_vc = torch.bmm(dropped.transpose(1, 2), go)  # (C, mq, Dh)
+            # dZ = W (s (dOut V^T) K - row) = s (dOut V^T) (W K) - W row: two passes, with W K kept from the forward.
+            grad_z = torch.bmm(go, vc.transpose(1, 2)).mul_(dropped)  # (C, mq, mq)
+            grad_z.addcmul_(weights, _piece(row, i0, i1, off, m), value=-1)
+            grad_s = grad_z.mul_(decay.view(-1, mq, mq))  # (C, mq, mq)
+            # dtheta_h = -sum(dS * S * distance): one dot product per (row, head), fused by bmm.
+            dots = torch.bmm(grad_s.view(-1, 1, mq * mq), scored_distance.view(-1, mq * mq, 1))  # (C, 1, 1)
+            grad_theta -= dots.view(r, H).sum(dim=0)
+            grad_q[i0:i1, :, off:m] = torch.bmm(grad_s, kc).mul_(scale).view(r, H, mq, Dh)
+            grad_k[i0:i1, :, :mq] = torch.bmm(grad_s.transpose(1, 2), qc).mul_(scale).view(r, H, mq, Dh)
+            grad_v[i0:i1, :, :mq] = grad_vc.view(r, H, mq, Dh)
+        if ctx.same_qk:  # q and k were one tensor: its gradient is the sum, returned once
+            grad_q, grad_k = grad_q.add_(grad_k), None
+        grad_k = None if grad_k is None else grad_k.transpose(1, 2)
+        return grad_q.transpose(1, 2), grad_k, grad_v.transpose(1, 2), grad_theta, None, None, None, None
 
 
 class AKTBlock(nn.Module):
@@ -134,9 +302,47 @@ class AKTBlock(nn.Module):
         qk = self.qk_proj(query).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
         v = self.v_proj(values).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
         attn, weights = monotonic_attention(qk, qk, v, self.theta, self.strict, self.dropout, self.training)
-        attn = self.out_proj(attn.transpose(1, 2).reshape(B, L, D))  # (B, L, D); 0-weight rows give the bias only
+        return self._finish(query, attn.transpose(1, 2).reshape(B, L, D)), weights
+
+    def forward_packed(self, query: Tensor, values: Tensor, real: Tensor, chunks: list[tuple[int, int, int]]) -> Tensor:
+        """:meth:`forward` on the real positions of a length-sorted batch (the CPU fast path; same maths).
+
+        The position-wise layers run on the real positions only, the attention is
+        :class:`ChunkedMonotonicAttention` on the padded rows.
+
+        Args:
+            query: (N, D) rows of the (B, n, D) query at the ``True`` entries of ``real``, in row-major order.
+            values: (N, D) the same for the values.
+            real: (B, n) bool, ``True`` at each row's leading real positions; rows sorted by length, longest first.
+            chunks: :func:`length_chunks` of the row lengths.
+
+        Returns:
+            (N, D), the rows of :meth:`forward`'s output at the real positions.
+        """
+        B, n = real.shape
+        D = query.shape[-1]
+        H = self.num_heads
+
+        def padded(rows: Tensor) -> Tensor:  # (N, D) -> (B, n, H, D/H), 0 at padding
+            # A view of a heads-first (B, H, n, D/H) tensor: the attention's layout, so it need not copy it again.
+            heads_first = rows.new_zeros(B, H, n, D // H)
+            return heads_first.transpose(1, 2).index_put_((real,), rows.view(-1, H, D // H))
+
+        qk = padded(self.qk_proj(query))
+        v = padded(self.v_proj(values))
+        p = quantized_drop_probability(self.dropout) if self.training else 0.0
+        if p == 1.0:  # every weight dropped: the attention output is 0
+            return self._finish(query, torch.zeros_like(query))
+        seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0  # from the global generator: manual_seed rules
+        p = self.dropout if p > 0 else 0.0
+        attn = ChunkedMonotonicAttention.apply(qk, qk, v, self.theta, chunks, self.strict, p, seed)  # (B, n, H, D/H)
+        return self._finish(query, attn[real].flatten(1))  # (N, D)
+
+    def _finish(self, query: Tensor, attn: Tensor) -> Tensor:
+        """Output projection, residual + layer norm, feed-forward, residual + layer norm: (..., D) -> (..., D)."""
+        attn = self.out_proj(attn)  # 0-weight rows give the bias only
         x = self.attn_norm(query + self.drop(attn))
-        return self.ffn_norm(x + self.drop(self.ffn(x))), weights
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 
 class AKT(nn.Module):
@@ -153,8 +359,11 @@ class AKT(nn.Module):
         num_retriever_layers: Blocks in the knowledge retriever (the paper: 2).
         dropout: Dropout in the blocks, on the attention weights and in the output MLP (the paper: 0.05).
 
-    Fast path: on CPU (outside ``torch.compile``) a batch is cut to its longest row before the attention, and
-    the logits after that are 0; elsewhere the padded tensors run as they are.
+    Fast path (same maths; ``tests/test_akt_fast.py`` checks it against a plain reference, forward and backward): on
+    CPU (outside ``torch.compile``) and without ``return_attention``, the rows are sorted by length, the
+    position-wise layers run on the real positions only and the attention is :class:`ChunkedMonotonicAttention`
+    (pieces of similar-length rows, each cut to its longest row, with a hand-written backward pass); the logits
+    after each row's last real position are 0. Elsewhere the padded tensors go through :func:`monotonic_attention`.
 
     Example:
         >>> model = AKT(num_exercises=50, d_model=32, num_heads=4)
@@ -259,21 +468,10 @@ class AKT(nn.Module):
                     f"Expected `questions` of the shape of `exercises` {tuple(exercises.shape)} but got "
                     f"{tuple(questions.shape)}."
                 )
-        n = L
         if may_skip_padding(exercises) and not return_attention:
-            # Causal attention: nothing after the batch's longest row can reach a real position, so cut it off.
-            n = int(row_lengths(exercises).max()) if B else 0
-            if n == 0:
-                return exercises.new_zeros(B, L, dtype=self.concept_emb.weight.dtype)
-            exercises, responses = exercises[:, :n], responses[:, :n]
-            questions = None if questions is None else questions[:, :n]
-        interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, n)
-        x = self.concept_emb(exercises)  # (B, n, D)
-        y = self.interaction_emb(interactions)  # (B, n, D)
-        if questions is not None:
-            mu = self.difficulty(questions)  # (B, n, 1)
-            x = x + mu * self.concept_var(exercises)
-            y = y + mu * self.interaction_var(interactions)
+            return self._forward_packed(exercises, responses, questions)
+        interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
+        x, y = self._embed(exercises, interactions, questions)  # (B, L, D) each
         q_enc, y_enc = x, y
         for block in self.question_encoder:
             q_enc, _ = block(q_enc, q_enc)
@@ -284,7 +482,49 @@ class AKT(nn.Module):
         for block in self.retriever:
             h, w = block(h, y_enc)  # queries and keys: the questions so far; values: strictly past interactions
             weights.append(w)
-        logits = self.head(torch.cat([h, x], dim=-1)).squeeze(-1)  # (B, n)
-        if n < L:
-            logits = F.pad(logits, (0, L - n))  # (B, L), 0 after the batch's longest row
+        logits = self.head(torch.cat([h, x], dim=-1)).squeeze(-1)  # (B, L)
         return (logits, weights) if return_attention else logits
+
+    def _embed(self, exercises: Tensor, interactions: Tensor, questions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Question and interaction embeddings ``x``, ``y`` (..., D) of ids (...), Rasch-varied when questions given."""
+        x = self.concept_emb(exercises)  # (..., D)
+        y = self.interaction_emb(interactions)  # (..., D)
+        if questions is not None:
+            mu = self.difficulty(questions)  # (..., 1)
+            x = x + mu * self.concept_var(exercises)
+            y = y + mu * self.interaction_var(interactions)
+        return x, y
+
+    def _forward_packed(self, exercises: Tensor, responses: Tensor, questions: Tensor | None) -> Tensor:
+        """The CPU fast path of :meth:`forward`: same logits at the real positions, 0 after each row's last one.
+
+        Every attention is causal, so nothing after a row's last real position reaches a real position. The rows are
+        sorted by length, longest first; the position-wise layers (embeddings, projections, feed-forward, layer
+        norms, head) run on the real positions only, and the attention on pieces of similar-length rows, each cut to
+        its longest row (:class:`ChunkedMonotonicAttention`).
+        """
+        B, L = exercises.shape
+        lengths = row_lengths(exercises)  # (B,)
+        order = torch.argsort(lengths, descending=True, stable=True)  # (B,) longest row first
+        sorted_lengths = lengths[order]
+        n = int(sorted_lengths[0]) if B else 0
+        if n == 0:
+            return torch.zeros(B, L, dtype=self.concept_emb.weight.dtype, device=exercises.device)
+        real = torch.arange(n, device=exercises.device) < sorted_lengths[:, None]  # (B, n)
+        exercises = exercises[order, :n][real]  # (N,)
+        responses = responses[order, :n][real]
+        questions = None if questions is None else questions[order, :n][real]
+        interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (N,)
+        x, y = self._embed(exercises, interactions, questions)  # (N, D) each
+        chunks = length_chunks(sorted_lengths.tolist(), self.retriever[0].num_heads, x.element_size())
+        q_enc, y_enc = x, y
+        for block in self.question_encoder:
+            q_enc = block.forward_packed(q_enc, q_enc, real, chunks)
+        for block in self.interaction_encoder:
+            y_enc = block.forward_packed(y_enc, y_enc, real, chunks)
+        h = q_enc
+        for block in self.retriever:
+            h = block.forward_packed(h, y_enc, real, chunks)
+        rows, cols = real.nonzero(as_tuple=True)  # (N,) each, row-major as the packed rows
+        logits = self.head(torch.cat([h, x], dim=-1)).squeeze(-1)  # (N,)
+        return logits.new_zeros(B, L).index_put_((order[rows], cols), logits)  # (B, L), 0 after each row's end

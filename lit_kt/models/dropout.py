@@ -22,6 +22,35 @@ def quantized_drop_probability(p: float) -> float:
     return round(p * _LEVELS) / _LEVELS
 
 
+def keep_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A bool mask of ``shape``, ``True`` (kept) with probability ``1 - p_used`` (``p_used``: see above).
+
+    The mask :func:`dropout_mask` scales; a caller that multiplies by it in place (``x.mul_(keep)``, one byte read per
+    element instead of four) applies :func:`kept_scale` to a smaller tensor, e.g. the values of an attention.
+    ``generator`` (default: torch's global one) lets a caller draw the same masks again, e.g. in a backward pass.
+    """
+    threshold = round(p * _LEVELS)
+    numel = 1
+    for size in shape:
+        numel *= size
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
+    )
+    bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
+    return bits >= threshold - _LEVELS // 2  # P(keep) = 1 - threshold / 65536
+
+
+def kept_scale(p: float) -> float:
+    """``1 / (1 - p_used)``, the factor inverted dropout gives kept elements (``p_used`` < 1: see above)."""
+    threshold = round(p * _LEVELS)
+    return _LEVELS / (_LEVELS - threshold)
+
+
 def dropout_mask(
     shape: torch.Size | tuple[int, ...],
     p: float,
@@ -33,17 +62,9 @@ def dropout_mask(
 
     ``generator`` (default: torch's global one) lets a caller draw the same masks again, e.g. in a backward pass.
     """
-    threshold = round(p * _LEVELS)
-    numel = 1
-    for size in shape:
-        numel *= size
-    words = torch.randint(
-        -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
-    )
-    bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
-    keep = bits >= threshold - _LEVELS // 2  # P(keep) = 1 - threshold / 65536
+    keep = keep_mask(shape, p, device, generator)
     # uint8 -> float converts faster than bool -> float on CPU; the bytes are the same.
-    return keep.view(torch.uint8).to(dtype).mul_(_LEVELS / (_LEVELS - threshold))
+    return keep.view(torch.uint8).to(dtype).mul_(kept_scale(p))
 
 
 def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
