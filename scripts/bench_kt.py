@@ -36,7 +36,17 @@ DEFAULTS = {
     "sakt": dict(epochs=40, max_len=100, batch_size=64, d_model=128, num_heads=8, num_layers=1, dropout=0.2, lr=1e-3),
     "dkt": dict(epochs=40, max_len=200, batch_size=64, d_model=200, num_heads=0, num_layers=1, dropout=0.3, lr=1e-3),
     # num_layers: knowledge-retriever blocks (each encoder has 1, as in the paper); d_ff is 2 * d_model.
-    "akt": dict(epochs=30, max_len=100, batch_size=64, d_model=64, num_heads=4, num_layers=2, dropout=0.1, lr=1e-3),
+    "akt": dict(
+        epochs=30,
+        max_len=100,
+        batch_size=64,
+        d_model=64,
+        num_heads=4,
+        num_layers=2,
+        dropout=0.1,
+        lr=1e-3,
+        sqrt_distance=False,
+    ),
 }
 
 
@@ -81,6 +91,7 @@ def build_model(name: str, num_exercises: int, a: argparse.Namespace) -> torch.n
             d_ff=2 * a.d_model,
             num_retriever_layers=a.num_layers,
             dropout=a.dropout,
+            sqrt_distance=a.sqrt_distance,
         )
     return DKT(
         num_exercises, hidden_size=a.d_model, num_layers=a.num_layers, embedding_dim=a.d_model, dropout=a.dropout
@@ -100,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float)
     p.add_argument("--attention-dropout", type=float, default=None, help="SAKT attention dropout (default: --dropout)")
     p.add_argument("--lr", type=float)
+    p.add_argument(
+        "--sqrt-distance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="AKT: decay with the square root of the distance (the authors' code) instead of the distance",
+    )
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement before stopping")
     p.add_argument("--val-fraction", type=float, default=0.1, help="training students held out for model selection")
     p.add_argument("--eval-stride", type=int, default=None, help="stride of test windows (default: no overlap)")

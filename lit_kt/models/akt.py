@@ -54,6 +54,7 @@ def monotonic_attention(
     strict: bool,
     dropout: float = 0.0,
     training: bool = False,
+    sqrt_distance: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Causal scaled dot-product attention whose scores decay with the context-aware distance (AKT, eq. 2-3).
 
@@ -66,6 +67,7 @@ def monotonic_attention(
             sees nothing: its weights and output are 0.
         dropout: Dropout on the attention weights.
         training: Whether dropout applies.
+        sqrt_distance: Decay with the square root of the context-aware distance (see :class:`AKT`).
 
     Returns:
         The output (B, H, L, Dh) and the weights (B, H, L, L) before dropout (rows sum to 1, or are all 0).
@@ -81,6 +83,8 @@ def monotonic_attention(
         # (in place; the clamp removes cumsum round-off below 0).
         total = gamma.sum(dim=-1, keepdim=True)  # (B, H, L, 1): 1, or 0 for a row with no allowed key
         distance = gamma.cumsum_(dim=-1).neg_().add_(total).mul_(gap).clamp_(min=0.0)  # (B, H, L, L)
+        if sqrt_distance:
+            distance.sqrt_()
     decay = torch.exp(-theta.view(-1, 1, 1) * distance)  # (B, H, L, L), in (0, 1], differentiable in theta
     weights = (scores * decay).masked_fill_(blocked, fill).softmax(dim=-1).masked_fill(blocked, 0.0)
     out = fast_dropout(weights, dropout, training) @ v  # (B, H, L, Dh)
@@ -171,7 +175,7 @@ class ChunkedMonotonicAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, theta, chunks, strict, p, seed):
+    def forward(ctx, q, k, v, theta, chunks, strict, p, seed, sqrt_distance=False):
         B, n, H, Dh = q.shape
         scale = Dh**-0.5
         # Heads first, once: every piece below is then a view (B, H, n, Dh) -> (rows * H, m, Dh).
@@ -203,6 +207,8 @@ class ChunkedMonotonicAttention(torch.autograd.Function):
             g = gap[:mq, :mq]
             # At masked keys cum is 1 (up to round-off): distance ~0, decay ~1, and the score stays hugely negative.
             distance = torch.addcmul(g, cum, g, value=-1, out=cum).view(r, H, mq, mq)
+            if sqrt_distance:  # round-off can leave -1e-7 where the mass after tau is 0
+                distance.clamp_(min=0.0).sqrt_()
             decay = (distance * neg_theta).exp_()  # (r, H, mq, mq)
             scored_distance = scores.view(r, H, mq, mq) * distance if keep_for_backward else None
             weights = scores.view(r, H, mq, mq).mul_(decay).softmax(dim=-1).view(-1, mq, mq)  # (C, mq, mq)
@@ -251,7 +257,7 @@ class ChunkedMonotonicAttention(torch.autograd.Function):
         if ctx.same_qk:  # q and k were one tensor: its gradient is the sum, returned once
             grad_q, grad_k = grad_q.add_(grad_k), None
         grad_k = None if grad_k is None else grad_k.transpose(1, 2)
-        return grad_q.transpose(1, 2), grad_k, grad_v.transpose(1, 2), grad_theta, None, None, None, None
+        return grad_q.transpose(1, 2), grad_k, grad_v.transpose(1, 2), grad_theta, None, None, None, None, None
 
 
 class AKTBlock(nn.Module):
@@ -266,15 +272,23 @@ class AKTBlock(nn.Module):
         d_ff: Hidden width of the feed-forward layer.
         dropout: Dropout after each sub-layer and on the attention weights.
         strict: Attend to strictly past positions (the knowledge retriever) rather than to positions ``<= t``.
+        sqrt_distance: Decay with the square root of the context-aware distance (see :class:`AKT`).
     """
 
     def __init__(
-        self, d_model: int = 64, num_heads: int = 4, d_ff: int = 128, dropout: float = 0.1, strict: bool = False
+        self,
+        d_model: int = 64,
+        num_heads: int = 4,
+        d_ff: int = 128,
+        dropout: float = 0.1,
+        strict: bool = False,
+        sqrt_distance: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
         self.strict = strict
+        self.sqrt_distance = sqrt_distance
         self.qk_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
@@ -301,7 +315,9 @@ class AKTBlock(nn.Module):
         H = self.num_heads
         qk = self.qk_proj(query).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
         v = self.v_proj(values).view(B, L, H, D // H).transpose(1, 2)  # (B, H, L, D/H)
-        attn, weights = monotonic_attention(qk, qk, v, self.theta, self.strict, self.dropout, self.training)
+        attn, weights = monotonic_attention(
+            qk, qk, v, self.theta, self.strict, self.dropout, self.training, self.sqrt_distance
+        )
         return self._finish(query, attn.transpose(1, 2).reshape(B, L, D)), weights
 
     def forward_packed(self, query: Tensor, values: Tensor, real: Tensor, chunks: list[tuple[int, int, int]]) -> Tensor:
@@ -335,7 +351,9 @@ class AKTBlock(nn.Module):
             return self._finish(query, torch.zeros_like(query))
         seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0  # from the global generator: manual_seed rules
         p = self.dropout if p > 0 else 0.0
-        attn = ChunkedMonotonicAttention.apply(qk, qk, v, self.theta, chunks, self.strict, p, seed)  # (B, n, H, D/H)
+        attn = ChunkedMonotonicAttention.apply(
+            qk, qk, v, self.theta, chunks, self.strict, p, seed, self.sqrt_distance
+        )  # (B, n, H, D/H)
         return self._finish(query, attn[real].flatten(1))  # (N, D)
 
     def _finish(self, query: Tensor, attn: Tensor) -> Tensor:
@@ -358,6 +376,9 @@ class AKT(nn.Module):
         num_encoder_layers: Blocks in each of the two encoders (the paper: 1).
         num_retriever_layers: Blocks in the knowledge retriever (the paper: 2).
         dropout: Dropout in the blocks, on the attention weights and in the output MLP (the paper: 0.05).
+        sqrt_distance: Decay the scores by ``exp(-theta * sqrt(d(t, tau)))`` instead of the paper's
+            ``exp(-theta * d(t, tau))``: the authors' published code (and pyKT's) takes the square root, so past
+            positions fade more slowly with distance.
 
     Fast path (same maths; ``tests/test_akt_fast.py`` checks it against a plain reference, forward and backward): on
     CPU (outside ``torch.compile``) and without ``return_attention``, the rows are sorted by length, the
@@ -382,6 +403,7 @@ class AKT(nn.Module):
         num_encoder_layers: int = 1,
         num_retriever_layers: int = 2,
         dropout: float = 0.1,
+        sqrt_distance: bool = False,
     ) -> None:
         super().__init__()
         if num_exercises < 1 or num_questions < 0:
@@ -404,6 +426,7 @@ class AKT(nn.Module):
             num_encoder_layers=num_encoder_layers,
             num_retriever_layers=num_retriever_layers,
             dropout=dropout,
+            sqrt_distance=sqrt_distance,
         )
         self.num_exercises = num_exercises
         self.num_questions = num_questions
@@ -417,13 +440,14 @@ class AKT(nn.Module):
             self.concept_var = nn.Embedding(num_exercises + 1, d_model, padding_idx=0)  # d_c
             self.interaction_var = nn.Embedding(2 * num_exercises + 1, d_model, padding_idx=0)  # f_(c, r)
         self.question_encoder = nn.ModuleList(
-            AKTBlock(d_model, num_heads, d_ff, dropout) for _ in range(num_encoder_layers)
+            AKTBlock(d_model, num_heads, d_ff, dropout, sqrt_distance=sqrt_distance) for _ in range(num_encoder_layers)
         )
         self.interaction_encoder = nn.ModuleList(
-            AKTBlock(d_model, num_heads, d_ff, dropout) for _ in range(num_encoder_layers)
+            AKTBlock(d_model, num_heads, d_ff, dropout, sqrt_distance=sqrt_distance) for _ in range(num_encoder_layers)
         )
         self.retriever = nn.ModuleList(
-            AKTBlock(d_model, num_heads, d_ff, dropout, strict=True) for _ in range(num_retriever_layers)
+            AKTBlock(d_model, num_heads, d_ff, dropout, strict=True, sqrt_distance=sqrt_distance)
+            for _ in range(num_retriever_layers)
         )
         self.head = nn.Sequential(
             nn.Linear(2 * d_model, d_ff),
