@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -402,6 +403,18 @@ def collate_text(
     }
 
 
+def resolve_pin_memory(pin_memory: bool | None, trainer: L.Trainer | None) -> bool:
+    """A DataLoader's ``pin_memory``: the user's choice, or (``None``) whether ``trainer`` trains on a CUDA GPU.
+
+    Pinned (page-locked) batches let the host-to-GPU copy run asynchronously: Lightning's ``transfer_batch_to_device``
+    already copies with ``non_blocking=True`` on CUDA, which overlaps with compute only from pinned memory. Decided
+    when the loader is built, so a module attached to a GPU trainer later still gets pinned loaders.
+    """
+    if pin_memory is not None:
+        return pin_memory
+    return trainer is not None and isinstance(getattr(trainer, "accelerator", None), CUDAAccelerator)
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     """Train/validation/test data for sentence classification, tokenised once and padded per batch.
 
@@ -434,7 +447,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         student_max_length: Longest sequence of the student's tokenizer; ``None`` for ``max_length``.
         batch_size: Training samples per batch.
         eval_batch_size: Validation/test/predict samples per batch; ``None`` for ``batch_size``.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes; 0 collates batches in the training process, between steps. On a
+            GPU a few workers (2 to 4) collate the next batches while the GPU runs the current step; workers persist
+            across epochs.
         train_limit: Use only the first ``train_limit`` rows of ``train.tsv`` (file order, before shuffling) for quick
             runs; ``None`` for all. ``num_labels`` is still inferred from (or checked on) the whole file.
         text_col: Column holding the text.
@@ -451,6 +466,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             labelled and ``batch_size * transfer_per_sample`` transfer rows); ``None`` for enough to use every
             transfer row once per epoch.
         transfer_seed: Seed of the augmentation and of the pairing of transfer rows with labelled samples.
+        pin_memory: Pin the loaders' batches in page-locked host memory, so that their copy to the GPU runs
+            asynchronously (:func:`resolve_pin_memory`); ``None`` pins when the attached trainer's accelerator is a
+            CUDA GPU and not otherwise.
 
     Example:
         >>> dm = TextClassificationDataModule("../shared/data/nlp/sst2", tokenizer=minilm_path())  # doctest: +SKIP
@@ -477,6 +495,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         transfer_augment: int = 0,
         transfer_per_sample: int | None = 1,
         transfer_seed: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)):
@@ -538,9 +557,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if key not in self._texts:
             # Without a given `num_labels`, train.tsv defines it (largest label + 1): only the other files are checked.
             bound = None if split == "train" and self.hparams.num_labels is None else self.num_labels
-            self._texts[key] = read_labelled_text(
-                path, self.hparams.text_col, self.hparams.label_col, num_labels=bound
-            )
+            self._texts[key] = read_labelled_text(path, self.hparams.text_col, self.hparams.label_col, num_labels=bound)
         return self._texts[key]
 
     def _tokenize(self, texts: list[str], part: Literal["teacher", "student"]) -> dict[str, list[list[int]]]:
@@ -658,6 +675,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             sampler=None if split == "train" else distributed_eval_sampler(dataset, self.trainer),
             num_workers=h.num_workers,
             collate_fn=collate,
+            pin_memory=resolve_pin_memory(h.pin_memory, self.trainer),
             persistent_workers=h.num_workers > 0,
         )
 

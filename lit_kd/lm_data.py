@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd._files import distributed_eval_sampler
 from lit_kd.adaptors import IGNORE_INDEX
-from lit_kd.data import read_unlabelled_text
+from lit_kd.data import read_unlabelled_text, resolve_pin_memory
 from lit_kd.students import resolve_name_or_path
 
 __all__ = [
@@ -138,7 +138,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
         max_length: Longest tokenised sequence, special tokens included (>= 2: one prediction at least).
         batch_size: Training sentences per batch.
         eval_batch_size: Validation/test sentences per batch; ``None`` for ``batch_size``.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes; 0 collates batches in the training process, between steps. On a
+            GPU a few workers (2 to 4) collate the next batches while the GPU runs the current step; workers persist
+            across epochs.
         train_limit: Train on the first ``train_limit`` rows (after ``carve_dev`` is held out) only; ``None`` for all.
         carve_dev: Hold out the last ``carve_dev`` rows of ``train.tsv`` as the validation/test split; 0 for
             ``dev.tsv``.
@@ -148,6 +150,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
             padding, so faster steps, at the cost of batches less mixed in length; False for plain shuffling.
             Single-process only: under DDP Lightning cannot shard a custom batch sampler, so it is refused there
             rather than letting every process train on the same batches.
+        pin_memory: Pin the loaders' batches in page-locked host memory, so that their copy to the GPU runs
+            asynchronously (:func:`~lit_kd.data.resolve_pin_memory`); ``None`` pins when the attached trainer's
+            accelerator is a CUDA GPU and not otherwise.
 
     Raises:
         TypeError: If ``data_dir`` is not a path.
@@ -173,6 +178,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         text_col: str = "sentence",
         add_special_tokens: bool = True,
         group_by_length: bool = False,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)):
@@ -285,6 +291,7 @@ class LanguageModelingDataModule(L.LightningDataModule):
         common = {
             "num_workers": h.num_workers,
             "collate_fn": functools.partial(collate_lm, pad_token_id=self.pad_token_id),
+            "pin_memory": resolve_pin_memory(h.pin_memory, self.trainer),
             "persistent_workers": h.num_workers > 0,
         }
         if split == "train" and h.group_by_length:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -406,6 +407,18 @@ class LengthGroupedSampler(Sampler[int]):
             yield from b.tolist()
 
 
+def resolve_pin_memory(pin_memory: bool | None, trainer: L.Trainer | None) -> bool:
+    """A DataLoader's ``pin_memory``: the user's choice, or (``None``) whether ``trainer`` trains on a CUDA GPU.
+
+    Pinned (page-locked) batches let the host-to-GPU copy run asynchronously: Lightning's ``transfer_batch_to_device``
+    already copies with ``non_blocking=True`` on CUDA, which overlaps with compute only from pinned memory. Decided
+    when the loader is built, so a module attached to a GPU trainer later still gets pinned loaders.
+    """
+    if pin_memory is not None:
+        return pin_memory
+    return trainer is not None and isinstance(getattr(trainer, "accelerator", None), CUDAAccelerator)
+
+
 def distributed_eval_sampler(dataset: Sized, trainer: L.Trainer | None) -> UnrepeatedDistributedSampler | None:
     """The sampler of an evaluation loader under DDP: each sample goes to exactly one process.
 
@@ -503,7 +516,9 @@ class KTDataModule(L.LightningDataModule):
         group_by_length: Batch training windows of similar lengths together (:class:`LengthGroupedSampler`): far
             less padding, so more interactions per second when lengths vary (ASSIST2009, STATICS), at the price of
             less random batches. Needs ``shuffle``.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes; 0 collates batches in the training process, between steps. On a
+            GPU a few workers (2 to 4) collate the next batches while the GPU runs the current step, so that the GPU
+            does not wait for them; workers persist across epochs.
         seed: Seed of the validation split, of the simulated students and of ``group_by_length``'s shuffles.
         num_exercises: Number of exercise ids (ids ``1..num_exercises``); ``None`` for the largest id found in any
             split. An explicit value must be >= every id in the files read.
@@ -530,6 +545,9 @@ class KTDataModule(L.LightningDataModule):
             ``(exercises, responses)`` pair. Not stored in the hyperparameters.
         limit: Use only the first ``limit`` students (>= 1) of each split read or given (see above); ``None`` for
             all. A split with fewer students is kept whole.
+        pin_memory: Pin the loaders' batches in page-locked host memory, so that their copy to the GPU runs
+            asynchronously (:func:`resolve_pin_memory`); ``None`` pins when the attached trainer's accelerator is a
+            CUDA GPU and not otherwise (pinning costs host time and gains nothing on CPU).
 
     Raises:
         ValueError: If an argument is out of range, ``data_dir`` and ``sequences`` are both given, ``fold`` is given
@@ -568,6 +586,7 @@ class KTDataModule(L.LightningDataModule):
         concept_sep: str = "_",
         num_questions: int | None = None,
         synthetic_questions: int = 0,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if num_questions is not None and num_questions < 0:
@@ -957,6 +976,7 @@ class KTDataModule(L.LightningDataModule):
             sampler=self._sampler(dataset, train),
             num_workers=self.hparams.num_workers,
             collate_fn=collate_kt,
+            pin_memory=resolve_pin_memory(self.hparams.pin_memory, self.trainer),
             persistent_workers=self.hparams.num_workers > 0,
         )
 

@@ -400,10 +400,12 @@ class KTModule(L.LightningModule):
         mask = batch["mask"]
         probs = torch.sigmoid(logits.float() / self.temperature)  # (B, L)
         metrics.update(*fuse_questions(probs, batch["responses"], mask, batch.get("group_offset")))
-        n = int(mask.sum())  # weight the epoch mean by scored positions, not by rows
+        # Weight the epoch mean by scored positions, not by rows. A tensor count, not int(mask.sum()): Lightning only
+        # adds it to its running sums, so on a GPU it stays there instead of making the host wait every step.
+        n = mask.sum().clamp_min(1)
         # sync_dist: under DDP the epoch loss is reduced over processes once, at epoch end (ranks may differ in
         # their number of evaluation batches, which is fine for an epoch-end reduction).
-        self.log(f"{stage}/loss", loss, batch_size=max(n, 1), sync_dist=True)
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -32,3 +34,30 @@ def dist_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a ``torch.device``; a clear error when CUDA is asked for but missing."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "Expected `--device cuda` to find a CUDA GPU but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}); use `--device cpu`."
+        )
+    return torch.device(name)
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA); a no-op on CPU, where every op has finished when it returns."""
+    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bfloat16 for ``--precision bf16``; nothing for ``32``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the ``machine`` line (CPU, cores, torch version)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine(device.type)

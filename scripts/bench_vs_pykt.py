@@ -60,6 +60,23 @@ Options beyond the default like-for-like run (same windows on both sides whateve
   (``flush_denormal=True``): DKT's LSTM gradients decay over long histories into denormal floats, which the CPU
   processes far more slowly (our DKT backward meets more of them than pyKT's; pyKT's time hardly changes).
 
+Device and precision (both sides alike):
+
+* ``--device cuda`` moves both models and every batch (before the timed steps) to the GPU, and synchronises
+  (``torch.cuda.synchronize()``) before each timed step starts and after it ends, so that a step's time is the time
+  its kernels take, not the time it takes to queue them. pyKT picks its device once, at import
+  (``"cuda" if torch.cuda.is_available()``), for the masks and positions its models build; the script sets those
+  module globals to ``--device`` so that ``--device cpu`` also runs on a machine with a GPU. Our models skip the
+  padding on CPU only; on CUDA they run on the padded batch (SAKT, AKT) or on packed sequences (DKT), which need
+  no copy of the lengths to the host per step. ``--device cuda`` without a GPU is an error naming the argument.
+* ``--precision bf16`` runs the forward under ``torch.autocast(device, dtype=torch.bfloat16)``: ours around forward
+  + loss; pyKT's around its model's forward, its loss (``binary_cross_entropy`` on probabilities, in float64) after
+  it, since CUDA's autocast refuses ``binary_cross_entropy`` (our loss takes logits and autocasts to float32).
+  Parameters and optimizer states stay float32 on both sides. ``--precision 32`` (the default) uses no autocast.
+
+The JSON records ``device`` (``torch.cuda.get_device_name()`` on CUDA, else the ``machine`` line), ``device_type``
+and ``precision``.
+
 Everything runs once per ``--threads`` entry (``1`` = ``torch.set_num_threads(1)``, ``0`` = torch's default).
 Prints and writes (``--json``) per thread setting and model: mean and median seconds per step for each side,
 non-padded interactions per second (the batch's real interactions over the mean step time, the same count for both
@@ -78,7 +95,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import dist_version, emit, machine
+from _bench import autocast, device_name, dist_version, emit, machine, resolve_device, synchronizer
 
 from lit_kt import AKT, DKT, SAKT, KTDataset, collate_kt, masked_bce_with_logits, read_three_line
 
@@ -89,6 +106,20 @@ MODELS = ("sakt", "dkt", "akt")
 
 # The shared data sets beside the repository (../shared/data), wherever it is checked out.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def pin_pykt_device(device: torch.device) -> None:
+    """Points pyKT's import-time ``device`` globals (masks and positions its models build) at ``device``."""
+    import pykt.models.akt
+    import pykt.models.train_model
+    import pykt.models.utils
+
+    pykt.models.utils.device = str(device)  # a string there, a torch.device in the other two
+    pykt.models.akt.device = pykt.models.train_model.device = device
 
 
 def import_pykt():
@@ -191,13 +222,25 @@ def build_models(name: str, num_exercises: int, a: argparse.Namespace) -> tuple[
     return ours, peer
 
 
-def alternate(ours: Callable[[int], object], peer: Callable[[int], object], steps: int, warmup: int) -> dict:
-    """Run ``ours(i)`` then ``peer(i)`` for ``i`` in ``range(warmup + steps)``; seconds of the timed steps."""
+def alternate(
+    ours: Callable[[int], object],
+    peer: Callable[[int], object],
+    steps: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict:
+    """Run ``ours(i)`` then ``peer(i)`` for ``i`` in ``range(warmup + steps)``; seconds of the timed steps.
+
+    ``sync`` runs before each step starts and after it ends (``torch.cuda.synchronize`` on a GPU, whose ops return
+    before they have run), so that one side's queued kernels are not counted in the other's time.
+    """
     times: dict[str, list[float]] = {"ours": [], "pykt": []}
     for i in range(warmup + steps):
         for side, step in (("ours", ours), ("pykt", peer)):
+            sync()
             start = time.perf_counter()
             step(i)
+            sync()
             if i >= warmup:
                 times[side].append(time.perf_counter() - start)
     return times
@@ -220,12 +263,18 @@ def summarize(times: dict[str, list[float]], interactions: float) -> dict:
 def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises: int, a) -> dict:
     *_, model_forward = import_pykt()
     ours, peer = build_models(name, num_exercises, a)
+    ours, peer = ours.to(a.device), peer.to(a.device)
+    # pyKT's loss (binary_cross_entropy on probabilities) is refused under CUDA's autocast: only its model's forward
+    # runs under it (see the docstring); the instance attribute shadows the class's forward for nn.Module.__call__.
+    if a.precision == "bf16":
+        peer.forward = torch.autocast(a.device.type, dtype=torch.bfloat16)(peer.forward)
     ours_opt = torch.optim.Adam(ours.parameters(), lr=a.lr)
     peer_opt = torch.optim.Adam(peer.parameters(), lr=a.lr)
 
     def ours_train(i: int) -> None:
         b = ours_batches[i]
-        loss = masked_bce_with_logits(ours(b["exercises"], b["responses"]), b["responses"], b["mask"])
+        with autocast(a.device, a.precision):
+            loss = masked_bce_with_logits(ours(b["exercises"], b["responses"]), b["responses"], b["mask"])
         ours_opt.zero_grad()
         loss.backward()
         ours_opt.step()
@@ -238,7 +287,7 @@ def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises
 
     def ours_predict(i: int) -> torch.Tensor:
         b = ours_batches[i]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(a.device, a.precision):
             return torch.sigmoid(ours(b["exercises"], b["responses"]))
 
     def peer_predict(i: int) -> torch.Tensor:
@@ -256,10 +305,13 @@ def bench_model(name: str, ours_batches: list, peer_batches: list, num_exercises
         timed = ours_batches[a.warmup : a.warmup + steps]
         return statistics.fmean(float(b["mask"].sum()) for b in timed)
 
+    sync = synchronizer(a.device)
     ours.train(), peer.train()
-    train = summarize(alternate(ours_train, peer_train, a.steps, a.warmup), interactions(a.steps))
+    train = summarize(alternate(ours_train, peer_train, a.steps, a.warmup, sync), interactions(a.steps))
     ours.eval(), peer.eval()
-    predict = summarize(alternate(ours_predict, peer_predict, a.predict_steps, a.warmup), interactions(a.predict_steps))
+    predict = summarize(
+        alternate(ours_predict, peer_predict, a.predict_steps, a.warmup, sync), interactions(a.predict_steps)
+    )
     return {"train": train, "predict": predict}
 
 
@@ -311,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed training steps of each side")
     p.add_argument("--predict-steps", type=int, default=10, help="timed predict steps of each side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each side before the timed ones")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run (see the docstring)")
+    p.add_argument(
+        "--precision",
+        choices=("32", "bf16"),
+        default="32",
+        help="32: float32; bf16: torch.autocast to bfloat16 around the forward (and our loss) on both sides",
+    )
     p.add_argument("--threads", default="1,0", help="comma-separated torch thread counts to run; 0 = torch's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -334,9 +393,14 @@ def main(argv: list[str] | None = None) -> dict:
         # later inherit it (set after, it reaches the calling thread only).
         torch.set_flush_denormal(True)
     import_pykt()  # fail early, with the install command
+    a.device = resolve_device(a.device)
+    pin_pykt_device(a.device)
     default_threads = torch.get_num_threads()
     start = time.perf_counter()
     ours_batches, peer_batches, num_exercises = make_batches(a)
+    # On the device before any timed step: the steps time the models, not the copies.
+    ours_batches = [to_device(b, a.device) for b in ours_batches]
+    peer_batches = [to_device(b, a.device) for b in peer_batches]
     runs = {}
     for threads in a.threads:
         torch.set_num_threads(threads or default_threads)
@@ -392,7 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "pykt_version": dist_version("pykt-toolkit"),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": machine(),
+        "machine": machine(a.device.type),
+        "device": device_name(a.device),
+        "device_type": a.device.type,
+        "precision": a.precision,
     }
     return emit(result, a.json)
 

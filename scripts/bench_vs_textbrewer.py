@@ -44,6 +44,14 @@ bfloat16, outputs cast back to float32 for the losses; fast on CPUs with AVX512-
 and the cached run keep the float32 teacher. ``--fused-adamw`` gives every optimizer (ours, TextBrewer's, the plain
 students') ``fused=True``; the 2-layer student's AdamW step updates the whole 30522 x 384 word-embedding table.
 
+Device and precision (every run alike): ``--device cuda`` moves the models, projections and every batch (before the
+timed rounds) to the GPU (TextBrewer's ``TrainingConfig(device=...)`` too) and synchronises
+(``torch.cuda.synchronize()``) before each timed step starts and after it ends, so that a step's time is the time its
+kernels take, not the time it takes to queue them; ``--device cuda`` without a GPU is an error naming the argument.
+``--precision bf16`` runs each step's forward and loss under ``torch.autocast(device, dtype=torch.bfloat16)``
+(parameters and optimizer states stay float32; ``--teacher-dtype`` is separate). The JSON records ``device``
+(``torch.cuda.get_device_name()`` on CUDA, else the ``machine`` line), ``device_type`` and ``precision``.
+
 ``--threads`` defaults to 1: see ``scripts/bench_kd.py`` (on a small CPU shared with other jobs, extra intra-op
 threads mostly measure the contention).
 """
@@ -62,7 +70,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import dist_version, emit, machine
+from _bench import autocast, device_name, dist_version, emit, machine, resolve_device, synchronizer
 from transformers import AutoTokenizer
 
 from lit_kd import DistillationConfig, DistillationModule, IntermediateMatch
@@ -128,7 +136,7 @@ def textbrewer_distiller(textbrewer, a: argparse.Namespace, teacher, student, ou
             "inputs_mask": batch["attention_mask"],
         }
 
-    train_config = textbrewer.TrainingConfig(device="cpu", output_dir=output_dir, log_dir=None)
+    train_config = textbrewer.TrainingConfig(device=a.device, output_dir=output_dir, log_dir=None)
     distill_config = textbrewer.DistillationConfig(
         temperature=a.temperature,
         kd_loss_type="ce",
@@ -148,13 +156,24 @@ def with_sdpa(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def alternate(steps: dict[str, Callable[[int], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Round ``i`` runs every step function on batch ``i`` in turn; seconds of the rounds after ``warmup``."""
+def alternate(
+    steps: dict[str, Callable[[int], object]],
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Round ``i`` runs every step function on batch ``i`` in turn; seconds of the rounds after ``warmup``.
+
+    ``sync`` runs before each step starts and after it ends (``torch.cuda.synchronize`` on a GPU, whose ops return
+    before they have run), so that one step's queued kernels are not counted in the next one's time.
+    """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + rounds):
         for name, step in steps.items():
+            sync()
             start = time.perf_counter()
             step(i)
+            sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -163,8 +182,8 @@ def alternate(steps: dict[str, Callable[[int], object]], rounds: int, warmup: in
 def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
     textbrewer = import_textbrewer()
     torch.manual_seed(a.seed)  # the classification head
-    teacher = load_teacher(a.teacher, num_labels=2, attn_implementation="eager").eval()
-    init = build_bert_student(teacher, [0, 5]).train()
+    teacher = load_teacher(a.teacher, num_labels=2, attn_implementation="eager").eval().to(a.device)
+    init = build_bert_student(teacher, [0, 5]).train().to(a.device)
     teacher_sdpa = with_sdpa(teacher)
     optimizer = partial(torch.optim.AdamW, lr=a.lr, fused=a.fused_adamw or None)
     inputs = [{k: v for k, v in b.items() if k != "index"} for b in batches]  # what TextBrewer passes to the models
@@ -177,6 +196,7 @@ def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
         optimizer=optimizer,
         teacher_dtype=a.teacher_dtype,
     )
+    ours.to(a.device)  # its projections (none here) and anything else it built
     ours_opt = ours.configure_optimizers()
     TeacherCache.build(teacher_sdpa, batches, Path(tmp) / "cache", progress=False)
     cached = DistillationModule(
@@ -186,6 +206,7 @@ def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
         optimizer=optimizer,
         teacher_cache=str(Path(tmp) / "cache"),
     )
+    cached.to(a.device)
     cached_opt = cached.configure_optimizers()
     tb_student = copy.deepcopy(init)
     distiller = textbrewer_distiller(textbrewer, a, teacher, tb_student, str(Path(tmp) / "textbrewer"))
@@ -202,26 +223,29 @@ def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
     ours.train(), cached.train(), tb_student.train(), plain.train(), plain_sdpa.train()
 
     def module_step(module, opt, i: int) -> None:
-        loss = module.training_step(batches[i], i)
+        with autocast(a.device, a.precision):
+            loss = module.training_step(batches[i], i)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     def textbrewer_step(i: int) -> None:
-        total_loss, losses = distiller.train_on_batch(inputs[i], ARGS_T)
+        with autocast(a.device, a.precision):
+            total_loss, losses = distiller.train_on_batch(inputs[i], ARGS_T)
         distiller.write_loss(total_loss, i, losses)
         total_loss.backward()
         tb_opt.step()
         tb_opt.zero_grad()
 
     def student_step(model, opt, i: int) -> None:
-        loss = model(**inputs[i]).loss
+        with autocast(a.device, a.precision):
+            loss = model(**inputs[i]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     def teacher_forward(model, i: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(a.device, a.precision):
             model(**features[i])
 
     steps = {
@@ -233,7 +257,7 @@ def bench(a: argparse.Namespace, batches: list[dict], tmp: str) -> dict:
         "student_step_sdpa": partial(student_step, plain_sdpa, plain_sdpa_opt),
         "teacher_forward_sdpa": partial(teacher_forward, teacher_sdpa),
     }
-    times = alternate(steps, a.steps, a.warmup)
+    times = alternate(steps, a.steps, a.warmup, synchronizer(a.device))
     return {"times": times, "loss_check": loss_check}
 
 
@@ -254,6 +278,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for every optimizer, both sides")
     p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of each kind per round)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run goes (see the docstring)")
+    p.add_argument(
+        "--precision",
+        choices=("32", "bf16"),
+        default="32",
+        help="32: float32; bf16: torch.autocast to bfloat16 around every step's forward and loss",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 for torch's choice (see the docstring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -268,13 +299,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     import_textbrewer()  # fail early, with the install command
+    a.device = resolve_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     # DistillationModule.training_step logs through self.log, which warns (and returns) without a Trainer.
     warnings.filterwarnings("ignore", message=".*self.log.*")
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(a.teacher, trust_remote_code=False)
-    batches = make_batches(a, tokenizer)
+    # On the device before any timed step: the steps time the models, not the copies.
+    batches = [{k: v.to(a.device) for k, v in b.items()} for b in make_batches(a, tokenizer)]
     with tempfile.TemporaryDirectory() as tmp:
         out = bench(a, batches, tmp)
     mean = {name: statistics.fmean(t) for name, t in out["times"].items()}
@@ -298,7 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "textbrewer_version": dist_version("textbrewer"),
         "seconds": round(time.perf_counter() - start, 1),
-        "machine": machine(),
+        "machine": machine(a.device.type),
+        "device": device_name(a.device),
+        "device_type": a.device.type,
+        "precision": a.precision,
     }
     return emit(result, a.json)
 
