@@ -150,3 +150,21 @@ def test_bench_kt_model_step_leaves_the_fitted_model_alone(scripts):
     assert throughput > 0
     for key, value in module.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
+
+
+def test_sakt_fast_path_runs_under_bf16_autocast():
+    """The CPU fast path scatters the head's logits in the head's own dtype (bf16 under autocast)."""
+    from lit_kt import SAKT
+
+    torch.manual_seed(0)
+    model = SAKT(20, max_len=16, d_model=32, num_heads=4).eval()
+    ex = torch.randint(1, 21, (4, 16))
+    ex[1, 8:] = 0
+    resp = torch.randint(0, 2, (4, 16))
+    real = ex > 0
+    with torch.no_grad():
+        full = model(ex, resp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(ex, resp)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float()[real], full[real], atol=0.1, rtol=0.05)

@@ -261,7 +261,8 @@ class SAKT(nn.Module):
             x = self.emb_drop(self.exercise_emb(exercises[real]))  # (N, D)
             for block in self.blocks:
                 x = block.forward_packed(x, kv, real, lengths)
-            return x.new_zeros(B, L).index_put_((real,), self.head(x).squeeze(-1))  # (B, L), 0 at padding
+            logits = self.head(x).squeeze(-1)  # (N,); under autocast the head's dtype, not x's
+            return logits.new_zeros(B, L).index_put_((real,), logits)  # (B, L), 0 at padding
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, D)
         kv = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, D)
         kv = self.emb_drop(kv + self.position_emb.weight[:L])
