@@ -168,3 +168,19 @@ def test_sakt_fast_path_runs_under_bf16_autocast():
             half = model(ex, resp)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float()[real], full[real], atol=0.1, rtol=0.05)
+
+
+def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tmp_path):
+    from lit_kt import generate_students, write_three_line
+
+    students = generate_students(num_students=60, num_exercises=8, num_concepts=2, seq_len=12, seed=0).sequences
+    write_three_line(students[:40], tmp_path / "train.csv")
+    write_three_line(students[40:], tmp_path / "test.csv")
+    bench_kt = scripts("bench_kt")
+    common = ["--data-dir", str(tmp_path), "--model", "akt", "--d-model", "8", "--num-heads", "2", "--threads", "1"]
+    common += ["--step-batches", "1", "--step-warmup", "0", "--max-len", "12"]
+    free = bench_kt.main([*common, "--epochs", "2", "--max-minutes", "10"])
+    assert free["epochs"] == 2 and not free["stopped_by_time"] and free["settings"]["max_minutes"] == 10
+    # A budget of 1 ms: the fit stops after its first batch, before any epoch ends.
+    bounded = bench_kt.main([*common, "--epochs", "50", "--max-minutes", "0.00002"])
+    assert bounded["stopped_by_time"] and bounded["epochs"] < 50
