@@ -52,16 +52,17 @@ DEFAULTS = {
     "sakt": dict(epochs=40, max_len=100, batch_size=64, d_model=128, num_heads=8, num_layers=1, dropout=0.2, lr=1e-3),
     "dkt": dict(epochs=40, max_len=200, batch_size=64, d_model=200, num_heads=0, num_layers=1, dropout=0.3, lr=1e-3),
     # num_layers: knowledge-retriever blocks (each encoder has 1, as in the paper); d_ff is 2 * d_model.
+    # AKT: windows of 400 and the square-root distance, chosen on validation AUC (docs/benchmarks.md, issue 14).
     "akt": dict(
         epochs=30,
-        max_len=100,
+        max_len=400,
         batch_size=64,
         d_model=64,
         num_heads=4,
         num_layers=2,
         dropout=0.1,
         lr=1e-3,
-        sqrt_distance=False,
+        sqrt_distance=True,
         max_minutes=25.0,
     ),
 }
@@ -186,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="AKT: decay with the square root of the distance (the authors' code) instead of the distance",
     )
+    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 over --epochs")
     p.add_argument(
         "--max-minutes",
         type=float,
@@ -232,7 +234,13 @@ def main(argv: list[str] | None = None) -> dict:
         seed=a.seed,
         group_by_length=a.group_by_length,
     )
-    module = KTModule(build_model(a.model, data.num_exercises, a), optimizer=partial(torch.optim.Adam, lr=a.lr))
+    # --cosine: the learning rate follows a half cosine from --lr to 0 over --epochs (stepped once per epoch).
+    schedule = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=a.epochs) if a.cosine else None
+    module = KTModule(
+        build_model(a.model, data.num_exercises, a),
+        optimizer=partial(torch.optim.Adam, lr=a.lr),
+        lr_scheduler=schedule,
+    )
     meter = ThroughputMeter()
     with tempfile.TemporaryDirectory() as tmp:
         best = ModelCheckpoint(dirpath=tmp, monitor="val/auc", mode="max")
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k in (
                 *DEFAULTS[a.model],
                 "max_minutes",
+                "cosine",
                 "patience",
                 "val_fraction",
                 "eval_stride",
