@@ -52,7 +52,8 @@ DEFAULTS = {
     "sakt": dict(epochs=40, max_len=100, batch_size=64, d_model=128, num_heads=8, num_layers=1, dropout=0.2, lr=1e-3),
     "dkt": dict(epochs=40, max_len=200, batch_size=64, d_model=200, num_heads=0, num_layers=1, dropout=0.3, lr=1e-3),
     # num_layers: knowledge-retriever blocks (each encoder has 1, as in the paper); d_ff is 2 * d_model.
-    # AKT: windows of 400 and the square-root distance, chosen on validation AUC (docs/benchmarks.md, issue 14).
+    # AKT: windows of 400, the square-root distance and a cosine learning-rate decay, each chosen on validation AUC
+    # (docs/benchmarks.md, issue 14).
     "akt": dict(
         epochs=30,
         max_len=400,
@@ -63,6 +64,7 @@ DEFAULTS = {
         dropout=0.1,
         lr=1e-3,
         sqrt_distance=True,
+        cosine=True,
         max_minutes=25.0,
     ),
 }
@@ -187,7 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="AKT: decay with the square root of the distance (the authors' code) instead of the distance",
     )
-    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay to 0 over --epochs")
+    p.add_argument(
+        "--cosine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cosine learning-rate decay to 0 over --epochs (AKT's default; not SAKT's or DKT's)",
+    )
     p.add_argument(
         "--max-minutes",
         type=float,
