@@ -219,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in DEFAULTS[a.model].items():
         if getattr(a, key) is None:
             setattr(a, key, value)
+    a.cosine = bool(a.cosine)  # SAKT and DKT: no schedule unless asked
     if a.step_batches < 1 or a.step_warmup < 0:
         p.error(
             f"Expected `--step-batches` >= 1 and `--step-warmup` >= 0 but got {a.step_batches} and {a.step_warmup}."
