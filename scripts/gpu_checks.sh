@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of issue 16 in one call, for a session that is lent a GPU machine for minutes:
+# Every GPU check and benchmark of issues 16 and 13 in one call, for a session that is lent a GPU machine for minutes:
 #
 #   bash scripts/gpu_checks.sh            # writes JSON and logs under $OUT (default out/gpu)
 #
@@ -8,7 +8,8 @@
 #      logits check of SAKT, DKT and AKT;
 #   2. bench_vs_pykt --device cuda, fp32 and bf16, batch 64 and 256 (SAKT, DKT, AKT);
 #   3. bench_vs_textbrewer --device cuda at B32/L64 and B128/L128;
-#   4. bench_kt --accelerator gpu on ASSIST2009 (3 epochs): loop_efficiency of Trainer.fit against the model step.
+#   4. issue 13's KD loss at B8/L1024/V32000 on CUDA (TRL, chunked, fused: peak memory and time);
+#   5. bench_kt --accelerator gpu on ASSIST2009 (3 epochs): loop_efficiency of Trainer.fit against the model step.
 # Needs the bench extra (pykt-toolkit, textbrewer; see setup.cfg) and ../shared/data.
 set -u
 OUT=${OUT:-out/gpu}
@@ -50,6 +51,7 @@ step tb_b32_l64 240 "$py" scripts/bench_vs_textbrewer.py --device cuda --batch-s
   --warmup 5 --threads 0 --json "$OUT/tb_b32_l64.json"
 step tb_b128_l128 240 "$py" scripts/bench_vs_textbrewer.py --device cuda --batch-size 128 --max-length 128 --steps 30 \
   --warmup 5 --threads 0 --json "$OUT/tb_b128_l128.json"
+step kd_lm_loss 300 "$py" scripts/bench_kd_lm_loss.py --device cuda --json "$OUT/kd_lm_loss_cuda.json"
 step kt_loop_sakt 300 "$py" scripts/bench_kt.py --data-dir ../shared/data/kt/assist2009 --model sakt --accelerator gpu \
   --batch-size 256 --d-model 256 --max-len 200 --epochs 3 --json "$OUT/kt_loop_sakt.json"
 cat "$OUT/summary.log"
