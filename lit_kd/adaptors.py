@@ -148,6 +148,24 @@ def _token_logits(outputs: Any, who: str) -> Tensor:
     return logits
 
 
+def _token_batch(
+    batch: Any, outputs: Any, labels_key: str, mask_key: str, who: str
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The (B, L, V) logits and the batch's (B, L) labels and attention mask (``None`` when absent), shapes checked."""
+    logits = _token_logits(outputs, who)
+    is_map = isinstance(batch, Mapping)
+    labels = batch.get(labels_key) if is_map else None
+    input_mask = batch.get(mask_key) if is_map else None
+    B, L = logits.shape[:2]
+    for name, value in ((labels_key, labels), (mask_key, input_mask)):
+        if value is not None and tuple(value.shape) != (B, L):
+            raise ValueError(
+                f"Expected `batch[{name!r}]` to have the logits' positions {(B, L)} ({who}) but got shape "
+                f"{tuple(value.shape)}."
+            )
+    return logits, labels, input_mask
+
+
 def causal_lm_adaptor(
     batch: Mapping[str, Any], outputs: Any, labels_key: str = "labels", mask_key: str = "attention_mask"
 ) -> ModelView:
@@ -176,17 +194,7 @@ def causal_lm_adaptor(
         >>> tuple(view.logits.shape), view.labels.tolist(), view.logits_mask.tolist()
         ((1, 3, 7), [[4, 5, -100]], [[True, True, False]])
     """
-    logits = _token_logits(outputs, "causal_lm_adaptor")
-    is_map = isinstance(batch, Mapping)
-    labels = batch.get(labels_key) if is_map else None
-    input_mask = batch.get(mask_key) if is_map else None
-    B, L = logits.shape[:2]
-    for name, value in ((labels_key, labels), (mask_key, input_mask)):
-        if value is not None and tuple(value.shape) != (B, L):
-            raise ValueError(
-                f"Expected `batch[{name!r}]` to have the logits' positions {(B, L)} (causal_lm_adaptor) but got "
-                f"shape {tuple(value.shape)}."
-            )
+    logits, labels, input_mask = _token_batch(batch, outputs, labels_key, mask_key, "causal_lm_adaptor")
     shifted = None if labels is None else labels[:, 1:]  # (B, L-1): the token each position predicts
     mask = None if shifted is None else shifted != IGNORE_INDEX  # (B, L-1)
     if input_mask is not None:
@@ -219,17 +227,8 @@ def token_adaptor(
         labels_key: The batch key of the (B, L) labels (-100: not scored, e.g. unmasked tokens of a masked LM).
         mask_key: The batch key of the (B, L) attention mask (0: padding).
     """
-    logits = _token_logits(outputs, "token_adaptor")
-    is_map = isinstance(batch, Mapping)
-    labels = batch.get(labels_key) if is_map else None
-    input_mask = batch.get(mask_key) if is_map else None
+    logits, labels, input_mask = _token_batch(batch, outputs, labels_key, mask_key, "token_adaptor")
     B, L = logits.shape[:2]
-    for name, value in ((labels_key, labels), (mask_key, input_mask)):
-        if value is not None and tuple(value.shape) != (B, L):
-            raise ValueError(
-                f"Expected `batch[{name!r}]` to have the logits' positions {(B, L)} (token_adaptor) but got shape "
-                f"{tuple(value.shape)}."
-            )
     return ModelView(
         logits=logits,  # (B, L, V)
         logits_mask=_token_mask(labels, input_mask, (B, L)),  # (B, L)
