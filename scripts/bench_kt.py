@@ -220,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.cosine = bool(a.cosine)  # SAKT and DKT: no schedule unless asked
+    if a.max_minutes is not None and not a.max_minutes > 0:
+        p.error(f"Expected `--max-minutes` to be a positive number of minutes but got {a.max_minutes}.")
     if a.step_batches < 1 or a.step_warmup < 0:
         p.error(
             f"Expected `--step-batches` >= 1 and `--step-warmup` >= 0 but got {a.step_batches} and {a.step_warmup}."
