@@ -462,6 +462,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             loss reads them. ``None`` for none.
         transfer_augment: Also add this many noisy copies of every (used) training sentence to the transfer set
             (:func:`augment_sentence`: word dropout, replacement from the training vocabulary, a swap); 0 for none.
+        transfer_unused_train: Also add the sentences of the training rows beyond ``train_limit`` to the transfer
+            set, their labels dropped: a labelled budget of ``train_limit`` rows and the rest of ``train.tsv`` as
+            unlabelled in-domain text (the setting where distillation pays most, see ``docs/distillation.md``).
+            Needs ``train_limit``.
         transfer_per_sample: Transfer rows per labelled sample in a training batch (a batch holds ``batch_size``
             labelled and ``batch_size * transfer_per_sample`` transfer rows); ``None`` for enough to use every
             transfer row once per epoch.
@@ -493,6 +497,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         num_labels: int | None = None,
         transfer_file: str | None = None,
         transfer_augment: int = 0,
+        transfer_unused_train: bool = False,
         transfer_per_sample: int | None = 1,
         transfer_seed: int = 0,
         pin_memory: bool | None = None,
@@ -513,6 +518,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         ):
             if value is not None and value < least:
                 raise ValueError(f"Expected `{name}` to be >= {least} but got {value}.")
+        if transfer_unused_train and train_limit is None:
+            raise ValueError(
+                "Expected `train_limit` with `transfer_unused_train=True` (the rows beyond it form the transfer set)"
+                " but got `train_limit=None`."
+            )
         self.save_hyperparameters()
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self._texts: dict[str, tuple[list[str], list[int]]] = {}
@@ -585,18 +595,24 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     @property
     def has_transfer_set(self) -> bool:
-        """Whether training batches carry transfer rows (``transfer_file`` or ``transfer_augment``)."""
-        return self.hparams.transfer_file is not None or self.hparams.transfer_augment > 0
+        """Whether training batches carry transfer rows (``transfer_file``, ``transfer_augment`` or
+        ``transfer_unused_train``)."""
+        h = self.hparams
+        return h.transfer_file is not None or h.transfer_augment > 0 or h.transfer_unused_train
 
     def transfer_dataset(self) -> TokenizedTextDataset:
         """The tokenised transfer set (built on first use): ``transfer_file``'s sentences, then the augmented copies
-        of the used training sentences; every label :data:`UNLABELLED`.
+        of the used training sentences, then (``transfer_unused_train``) the sentences of the training rows beyond
+        ``train_limit``; every label :data:`UNLABELLED`.
 
         Raises:
             ValueError: If there is no transfer set (see :attr:`has_transfer_set`).
         """
         if not self.has_transfer_set:
-            raise ValueError("Expected `transfer_file` or `transfer_augment` > 0 for a transfer set but got neither.")
+            raise ValueError(
+                "Expected `transfer_file`, `transfer_augment` > 0 or `transfer_unused_train` for a transfer set but"
+                " got none of them."
+            )
         if self._transfer is None:
             h = self.hparams
             texts = read_unlabelled_text(h.transfer_file, h.text_col) if h.transfer_file is not None else []
@@ -605,6 +621,14 @@ class TextClassificationDataModule(L.LightningDataModule):
                 rng = random.Random(h.transfer_seed)
                 vocabulary = sorted({w for t in train for w in t.split()})
                 texts += [augment_sentence(t, rng, vocabulary) for _ in range(h.transfer_augment) for t in train]
+            if h.transfer_unused_train:
+                unused = self._read("train")[0][h.train_limit :]
+                if not unused:
+                    raise ValueError(
+                        f"Expected rows beyond `train_limit={h.train_limit}` in {self._path('train')} for"
+                        " `transfer_unused_train` but the file has no more."
+                    )
+                texts += unused
             student = self._tokenize(texts, "student") if h.student_tokenizer is not None else None
             labels = [UNLABELLED] * len(texts)
             self._transfer = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)

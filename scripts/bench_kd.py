@@ -330,6 +330,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--transfer-file", default=None, help="unlabelled sentences for the KD term (one per line, or a TSV)"
     )
+    p.add_argument(
+        "--transfer-unused-train",
+        action="store_true",
+        help="the training rows beyond --train-limit, labels dropped, join the transfer set (KD only)",
+    )
     p.add_argument("--transfer-per-sample", type=int, default=1, help="transfer rows per labelled row in a KD batch")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows of train.tsv")
     p.add_argument("--carve-dev", type=int, default=0, help="evaluate on the last N rows of train.tsv (held out)")
@@ -341,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 for torch's choice (see the docstring)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
+    if a.transfer_unused_train and a.train_limit is None:
+        p.error("Expected `--train-limit` with `--transfer-unused-train` (the rows beyond it form the transfer set).")
     if not 0 <= a.staged < 1:
         p.error(f"Expected --staged to be in [0, 1) but got {a.staged}")
     a.teacher = a.teacher or minilm_path()
@@ -387,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_limit=a.train_limit,
             transfer_file=a.transfer_file,
             transfer_augment=a.transfer_augment,
+            transfer_unused_train=a.transfer_unused_train,
             transfer_per_sample=a.transfer_per_sample,
             transfer_seed=a.seed,
         )
@@ -479,6 +487,7 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
                 "staged": a.staged or None,
                 "transfer_augment": a.transfer_augment,
                 "transfer_file": a.transfer_file,
+                "transfer_unused_train": a.transfer_unused_train,
                 "transfer_per_sample": a.transfer_per_sample if transfer else None,
                 "transfer_rows": len(data.transfer_dataset()) if transfer else 0,
             },

@@ -122,3 +122,22 @@ def test_transfer_batches_train_a_distillation_module(folder, tmp_path):
         trainer.callback_metrics["train/kd"]
     )
     assert isinstance(dm.train_dataloader(), DataLoader)
+
+
+def test_unused_training_rows_become_unlabelled_transfer_rows(folder):
+    limit = KD_TRAIN_SIZE // 2
+    texts = module(folder).dataset("train")
+    dm = module(folder, train_limit=limit, transfer_unused_train=True, transfer_per_sample=2)
+    assert len(dm.dataset("train")) == limit  # the labelled budget
+    transfer = dm.transfer_dataset()
+    # The rows beyond the limit, in file order, as they were tokenised for the full split; their labels dropped.
+    assert transfer.encoding["input_ids"] == texts.encoding["input_ids"][limit:]
+    assert set(transfer.labels) == {UNLABELLED}
+    for batch in dm.train_dataloader():
+        labelled = batch["labels"] != UNLABELLED
+        assert (batch["index"][labelled] < limit).all() and (batch["index"][~labelled] >= limit).all()
+        assert labelled.sum() * 2 == (~labelled).sum()
+    with pytest.raises(ValueError, match="Expected `train_limit` with `transfer_unused_train=True`"):
+        TextClassificationDataModule(str(folder), tokenizer=str(folder / "tokenizer"), transfer_unused_train=True)
+    with pytest.raises(ValueError, match="Expected rows beyond `train_limit=.*` in .*train.tsv"):
+        module(folder, train_limit=KD_TRAIN_SIZE, transfer_unused_train=True).transfer_dataset()
