@@ -36,10 +36,11 @@ import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_kd._files import FileFormatError, csv_rows, distributed_eval_sampler, open_text
+from lit_kd.sampling import LengthGroupedSampler, TransferMixSampler
 from lit_kd.students import resolve_name_or_path
 
 __all__ = [
@@ -310,12 +311,15 @@ class TokenizedTextDataset(Dataset):
 class TransferMixDataset(Dataset):
     """Labelled training samples, each paired with ``per_sample`` rows of an unlabelled transfer set.
 
-    Item ``i`` is a list: labelled sample ``i`` first, then its transfer rows (label :data:`UNLABELLED`, index
-    ``len(labelled) + j`` for transfer row ``j``); :func:`collate_text` flattens the lists. The pairing is a seeded
-    permutation of the transfer set, fixed for the run: with ``per_sample = ceil(len(transfer) / len(labelled))``
-    every transfer row is used once per epoch. The labelled samples, their order and their batches are those of the
-    labelled dataset alone (the same sampler draws them), so a run without the transfer set sees the same labelled
-    batches.
+    An item is a list: a labelled sample first, then its transfer rows (label :data:`UNLABELLED`, index
+    ``len(labelled) + j`` for transfer row ``j``); :func:`collate_text` flattens the lists. Keys are
+    ``(i, (j_1, ..., j_k))`` pairs from a :class:`~lit_kd.sampling.TransferMixSampler` (what
+    ``TextClassificationDataModule.train_dataloader`` uses): the transfer rows then come from a stream that uses
+    every row once before any twice, across epochs. A plain integer key ``i`` pairs sample ``i`` with fixed rows (a
+    seeded permutation of the transfer set): with ``per_sample = ceil(len(transfer) / len(labelled))`` every transfer
+    row is used once per epoch, with fewer only ``len(labelled) * per_sample`` of them ever are. Either way the
+    labelled samples, their order and their batches are those of the labelled sampler alone, so a run without the
+    transfer set sees the same labelled batches.
 
     Args:
         labelled: The labelled training samples.
@@ -337,13 +341,21 @@ class TransferMixDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labelled)
 
-    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+    def __getitem__(self, key: int | tuple[int, Sequence[int]]) -> list[dict[str, Any]]:
+        if isinstance(key, tuple):  # (labelled index, transfer rows) from a TransferMixSampler
+            index, rows = key
+        else:
+            index = key
+            rows = [self.order[(index * self.per_sample + k) % len(self.order)] for k in range(self.per_sample)]
         items = [self.labelled[index]]
-        for k in range(self.per_sample):
-            j = self.order[(index * self.per_sample + k) % len(self.order)]
-            row = self.transfer[j]
-            items.append({**row, "label": UNLABELLED, "index": len(self.labelled) + j})
+        for j in rows:
+            items.append({**self.transfer[j], "label": UNLABELLED, "index": len(self.labelled) + j})
         return items
+
+
+def _lengths(dataset: TokenizedTextDataset) -> list[int]:
+    """Token count of every sample (the teacher's ids: the longer side sets the padding in the usual case)."""
+    return [len(ids) for ids in dataset.encoding["input_ids"]]
 
 
 def pad_encodings(encodings: Sequence[dict[str, Sequence[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -470,6 +482,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             labelled and ``batch_size * transfer_per_sample`` transfer rows); ``None`` for enough to use every
             transfer row once per epoch.
         transfer_seed: Seed of the augmentation and of the pairing of transfer rows with labelled samples.
+        group_by_length: Training batches of similar-length samples (:class:`~lit_kd.sampling.LengthGroupedSampler`,
+            random mega-batches of 50 batches sorted by length), so that little of each batch is padding; transfer
+            rows are grouped too. ``False``: a plain random order.
         pin_memory: Pin the loaders' batches in page-locked host memory, so that their copy to the GPU runs
             asynchronously (:func:`resolve_pin_memory`); ``None`` pins when the attached trainer's accelerator is a
             CUDA GPU and not otherwise.
@@ -500,6 +515,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         transfer_unused_train: bool = False,
         transfer_per_sample: int | None = 1,
         transfer_seed: int = 0,
+        group_by_length: bool = False,
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
@@ -634,6 +650,35 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._transfer = TokenizedTextDataset(self._tokenize(texts, "teacher"), labels, student)
         return self._transfer
 
+    def train_sampler(self, generator: torch.Generator | None = None, transfer: bool = True) -> Sampler:
+        """The order of the training samples: random (``group_by_length``: length-grouped), each labelled sample
+        paired with its transfer rows (:class:`~lit_kd.sampling.TransferMixSampler`) when there is a transfer set.
+        The labelled order depends only on ``generator``, with or without a transfer set.
+
+        Args:
+            generator: Random source of the labelled order; ``None`` for torch's global one.
+            transfer: Pair the labelled samples with transfer rows when there is a transfer set; ``False`` for the
+                labelled order alone (the same order: e.g. a comparison run without distillation).
+        """
+        labelled = self.dataset("train")
+        h = self.hparams
+        if h.group_by_length:
+            order: Sampler = LengthGroupedSampler(_lengths(labelled), h.batch_size, generator)
+        else:
+            order = RandomSampler(labelled, generator=generator)
+        if not (transfer and self.has_transfer_set):
+            return order
+        mix = self.train_dataset()
+        transfer = self.transfer_dataset()
+        return TransferMixSampler(
+            order,
+            len(transfer),
+            mix.per_sample,
+            h.transfer_seed,
+            transfer_lengths=_lengths(transfer) if h.group_by_length else None,
+            batch_size=h.batch_size,
+        )
+
     def train_dataset(self) -> Dataset:
         """What training batches are drawn from: the labelled training split, paired with its transfer rows when
         there is a transfer set (:class:`TransferMixDataset`)."""
@@ -694,9 +739,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=h.batch_size if split == "train" or h.eval_batch_size is None else h.eval_batch_size,
-            shuffle=split == "train",
             # Under DDP each validation/test sample goes to exactly one process (Lightning's sampler would repeat some).
-            sampler=None if split == "train" else distributed_eval_sampler(dataset, self.trainer),
+            sampler=self.train_sampler() if split == "train" else distributed_eval_sampler(dataset, self.trainer),
             num_workers=h.num_workers,
             collate_fn=collate,
             pin_memory=resolve_pin_memory(h.pin_memory, self.trainer),

@@ -123,4 +123,3 @@ def bigru_student(
         dropout=dropout,
         pad_token_id=tok.pad_token_id,
     )
-

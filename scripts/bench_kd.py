@@ -131,11 +131,11 @@ def optimizer_and_schedule(lr: float, steps: int, warmup_fraction: float) -> tup
 def train_loader(data: TextClassificationDataModule, seed: int, batch_size: int, transfer: bool) -> DataLoader:
     """Training batches in an order fixed by ``seed`` alone, whatever else draws random numbers; with ``transfer``
     each labelled sample brings its transfer rows (the labelled batches are the same either way)."""
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         data.train_dataset() if transfer else data.dataset("train"),
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        sampler=data.train_sampler(generator, transfer=transfer),
         collate_fn=partial(collate_text, pad_token_id=data.load_tokenizer().pad_token_id),
     )
 
@@ -335,6 +335,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the training rows beyond --train-limit, labels dropped, join the transfer set (KD only)",
     )
+    p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batches of similar-length sentences (less padding; the same batches with and without KD)",
+    )
     p.add_argument("--transfer-per-sample", type=int, default=1, help="transfer rows per labelled row in a KD batch")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows of train.tsv")
     p.add_argument("--carve-dev", type=int, default=0, help="evaluate on the last N rows of train.tsv (held out)")
@@ -395,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
             transfer_file=a.transfer_file,
             transfer_augment=a.transfer_augment,
             transfer_unused_train=a.transfer_unused_train,
+            group_by_length=a.group_by_length,
             transfer_per_sample=a.transfer_per_sample,
             transfer_seed=a.seed,
         )
@@ -493,7 +500,16 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
             },
             **{
                 k: getattr(a, k)
-                for k in ("lr", "batch_size", "max_length", "warmup_fraction", "train_limit", "carve_dev", "seed")
+                for k in (
+                    "lr",
+                    "batch_size",
+                    "max_length",
+                    "group_by_length",
+                    "warmup_fraction",
+                    "train_limit",
+                    "carve_dev",
+                    "seed",
+                )  # fmt: skip
             },
             "threads": torch.get_num_threads(),
         },

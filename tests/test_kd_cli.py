@@ -150,14 +150,20 @@ def test_num_labels_is_linked_from_the_data(tmp_path, tokenizer_path, monkeypatc
 def test_num_labels_that_disagree_are_refused_before_anything_is_built(tmp_path, tokenizer_path):
     data_dir = sst2_folder(tmp_path / "sst2", [0, 1, 2])
     config = ["--config", str(kd_config(tmp_path, data_dir, tokenizer_path, num_labels=3))]
-    with pytest.raises(ValueError, match=re.escape(
-        "Expected every `num_labels` of the model to be the same but got model.init_args.num_labels=3,"
-        " model.init_args.student.init_args.num_labels=2."
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected every `num_labels` of the model to be the same but got model.init_args.num_labels=3,"
+            " model.init_args.student.init_args.num_labels=2."
+        ),
+    ):
         build_cli([*config, "--model.init_args.student.init_args.num_labels", "2"], run=False, cli_class=LinkOnly)
-    with pytest.raises(ValueError, match=re.escape(
-        "Expected `data.init_args.num_labels` to be None or 3 (the model's, model.init_args.num_labels) but got 2."
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected `data.init_args.num_labels` to be None or 3 (the model's, model.init_args.num_labels) but got 2."
+        ),
+    ):
         build_cli([*config, "--data.init_args.num_labels", "2"], run=False, cli_class=LinkOnly)
     cli = build_cli([*config, "--data.init_args.num_labels", "3"], run=False, cli_class=LinkOnly)
     assert cli.config.model.init_args.student.init_args.num_labels == 3
