@@ -332,8 +332,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--transfer-unused-train",
-        action="store_true",
-        help="the training rows beyond --train-limit, labels dropped, join the transfer set (KD only)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the training rows beyond --train-limit, labels dropped, join the transfer set (KD term only; off when"
+        " there are none)",
     )
     p.add_argument(
         "--group-by-length",
@@ -342,7 +344,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batches of similar-length sentences (less padding; the same batches with and without KD)",
     )
     p.add_argument("--transfer-per-sample", type=int, default=1, help="transfer rows per labelled row in a KD batch")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows of train.tsv")
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=2000,
+        help="labelled budget: only the first N rows of train.tsv carry labels, for the teacher and both students"
+        " (0: every row)",
+    )
     p.add_argument("--carve-dev", type=int, default=0, help="evaluate on the last N rows of train.tsv (held out)")
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=0, help="also print dev accuracy every N steps (0: never)")
@@ -352,8 +360,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 for torch's choice (see the docstring)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
-    if a.transfer_unused_train and a.train_limit is None:
-        p.error("Expected `--train-limit` with `--transfer-unused-train` (the rows beyond it form the transfer set).")
+    if a.train_limit < 0:
+        p.error(f"Expected `--train-limit` to be >= 0 but got {a.train_limit}.")
+    a.train_limit = a.train_limit or None
+    a.transfer_unused_train = a.transfer_unused_train and a.train_limit is not None
     if not 0 <= a.staged < 1:
         p.error(f"Expected --staged to be in [0, 1) but got {a.staged}")
     a.teacher = a.teacher or minilm_path()
@@ -391,8 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = carve(a.data_dir, a.carve_dev, Path(tmp) / "carved") if a.carve_dev else a.data_dir
-        data = TextClassificationDataModule(
-            data_dir,
+        options = dict(
             tokenizer=a.teacher,  # fine-tuning keeps the vocabulary: teacher and students read these ids
             max_length=a.max_length,
             batch_size=a.batch_size,
@@ -400,11 +409,22 @@ def main(argv: list[str] | None = None) -> dict:
             train_limit=a.train_limit,
             transfer_file=a.transfer_file,
             transfer_augment=a.transfer_augment,
-            transfer_unused_train=a.transfer_unused_train,
             group_by_length=a.group_by_length,
             transfer_per_sample=a.transfer_per_sample,
             transfer_seed=a.seed,
         )
+        data = TextClassificationDataModule(data_dir, **options)
+        rows = len(data._read("train")[0])
+        if a.transfer_unused_train and rows <= a.train_limit:
+            print(
+                f"[data] train.tsv has {rows} rows, none beyond --train-limit {a.train_limit}: every row is labelled"
+                " and there is no unlabelled transfer text",
+                flush=True,
+            )
+            a.transfer_unused_train = False
+        if a.transfer_unused_train:
+            data = TextClassificationDataModule(data_dir, transfer_unused_train=True, **options)
+        a.train_rows = rows
         if a.teacher_ckpt_dir is None:
             a.teacher_ckpt_dir = f"runs/bench_kd/teacher-{data_fingerprint(data)[:12]}"
         result = run(a, data)
@@ -475,6 +495,8 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
         "dataset": Path(a.data_dir).resolve().name
         + (f" (last {a.carve_dev} train rows as dev)" if a.carve_dev else ""),
         "dev_size": len(data.dataset("val")),
+        "labelled_rows": len(data.dataset("train")),
+        "train_rows": a.train_rows,
         "same_batches": same_batches,
         "settings": {
             "teacher": a.teacher,

@@ -85,3 +85,17 @@ def test_staged_distillation_weights(bench):
         assert cfg.kd_loss_weight_at(progress) == predictions and cfg.hard_label_weight_at(progress) == predictions
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "1"])
+
+
+def test_labelled_budget_and_the_rest_as_unlabelled_transfer_text(bench, setup, tmp_path, capsys):
+    data, teacher = setup
+    limit = KD_TRAIN_SIZE // 2
+    out = bench.main(args(data, teacher, tmp_path, "--student", "bigru", "--seeds", "1", "--train-limit", str(limit)))
+    assert out["labelled_rows"] == limit and out["train_rows"] == KD_TRAIN_SIZE
+    assert out["settings"]["kd"]["transfer_unused_train"] is True
+    assert out["settings"]["kd"]["transfer_rows"] == KD_TRAIN_SIZE - limit
+    assert out["same_batches"] is True  # the labelled batches of both runs hold only the first `limit` rows
+    # The default budget (2000 rows) covers this whole file: every row labelled, no transfer text, and it says so.
+    out = bench.main(args(data, teacher, tmp_path, "--student", "bigru", "--seeds", "1", "--retrain-teacher"))
+    assert out["labelled_rows"] == KD_TRAIN_SIZE and out["settings"]["kd"]["transfer_rows"] == 0
+    assert "none beyond --train-limit 2000" in capsys.readouterr().out
