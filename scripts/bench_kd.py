@@ -3,6 +3,13 @@ over several seeds.
 
     python scripts/bench_kd.py --data-dir ../shared/data/nlp/sst2 --student 2layer --json out/sst2_2layer.json
 
+The default setting is the one distillation is for: a small labelled budget and more text than labels. Only the
+first ``--train-limit`` rows of ``train.tsv`` (default 2000) carry labels, for the teacher and for both students; the
+rest of the file, its labels dropped, is unlabelled in-domain text that only the distilled student reads, labelled
+by the teacher (``--transfer-unused-train``, on by default; ``--train-limit 0`` labels every row, as in the full-data
+comparison of ``docs/benchmarks.md``). Batches group sentences of similar lengths (``--group-by-length``, less
+padding; the same batches for both students).
+
 Steps:
 
 1. Teacher: ``--teacher`` (default all-MiniLM-L6-v2, :func:`~lit_kd.students.minilm_path`) with a fresh
@@ -19,9 +26,10 @@ Steps:
    (cross-entropy on the labels, ``ClassifierModule``) and with it (``DistillationModule``: soft cross-entropy at
    ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` times the label cross-entropy, plus for the BERT
    students ``--hidden-weight`` times the MSE between the student's last hidden state and the teacher's, with a
-   linear projection for ``small``). With a transfer set (``--transfer-augment K``: K noisy copies of every training
-   sentence; ``--transfer-file F``: unlabelled sentences) each KD batch also carries ``--transfer-per-sample``
-   unlabelled rows per labelled row, read by the KD term only; the student alone never sees them. Both runs take the
+   linear projection for ``small``). With a transfer set (the unused training rows, see above; ``--transfer-augment
+   K``: K noisy copies of every labelled sentence; ``--transfer-file F``: unlabelled sentences) each KD batch also
+   carries ``--transfer-per-sample`` unlabelled rows per labelled row, read by the KD term only, from a stream that
+   uses every transfer row once before any twice; the student alone never sees them. Both runs take the
    same number of optimizer steps on the same labelled rows.
 3. Every model is evaluated once, at the end, on ``dev.tsv`` (or, with ``--carve-dev N``, on the last N rows of
    ``train.tsv``, held out from every training run: a second split for checking settings chosen on SST-2).
