@@ -668,16 +668,20 @@ class TextClassificationDataModule(L.LightningDataModule):
             order = RandomSampler(labelled, generator=generator)
         if not (transfer and self.has_transfer_set):
             return order
-        mix = self.train_dataset()
-        transfer = self.transfer_dataset()
+        rows = self.transfer_dataset()
         return TransferMixSampler(
             order,
-            len(transfer),
-            mix.per_sample,
+            len(rows),
+            self._transfer_per_sample(),
             h.transfer_seed,
-            transfer_lengths=_lengths(transfer) if h.group_by_length else None,
+            transfer_lengths=_lengths(rows) if h.group_by_length else None,
             batch_size=h.batch_size,
         )
+
+    def _transfer_per_sample(self) -> int:
+        """``transfer_per_sample``, or (``None``) enough rows per labelled sample to use each transfer row once per
+        epoch."""
+        return self.hparams.transfer_per_sample or -(-len(self.transfer_dataset()) // len(self.dataset("train")))
 
     def train_dataset(self) -> Dataset:
         """What training batches are drawn from: the labelled training split, paired with its transfer rows when
@@ -685,9 +689,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         labelled = self.dataset("train")
         if not self.has_transfer_set:
             return labelled
-        transfer = self.transfer_dataset()
-        per_sample = self.hparams.transfer_per_sample or -(-len(transfer) // len(labelled))
-        return TransferMixDataset(labelled, transfer, per_sample, self.hparams.transfer_seed)
+        return TransferMixDataset(
+            labelled, self.transfer_dataset(), self._transfer_per_sample(), self.hparams.transfer_seed
+        )
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -35,7 +35,7 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator | None = None) -> None:
         if not lengths:
-            raise ValueError("Expected at least one sample length but got none.")
+            raise ValueError("Expected `lengths` to hold at least one sample length but got none.")
         if batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be >= 1 but got {batch_size}.")
         self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator

@@ -421,18 +421,16 @@ def main(argv: list[str] | None = None) -> dict:
             transfer_per_sample=a.transfer_per_sample,
             transfer_seed=a.seed,
         )
-        data = TextClassificationDataModule(data_dir, **options)
-        rows = len(data._read("train")[0])
-        if a.transfer_unused_train and rows <= a.train_limit:
+        data = TextClassificationDataModule(data_dir, transfer_unused_train=a.transfer_unused_train, **options)
+        a.train_rows = len(data._read("train")[0])
+        if a.transfer_unused_train and a.train_rows <= a.train_limit:
             print(
-                f"[data] train.tsv has {rows} rows, none beyond --train-limit {a.train_limit}: every row is labelled"
-                " and there is no unlabelled transfer text",
+                f"[data] train.tsv has {a.train_rows} rows, none beyond --train-limit {a.train_limit}: every row is"
+                " labelled and there is no unlabelled transfer text",
                 flush=True,
             )
             a.transfer_unused_train = False
-        if a.transfer_unused_train:
-            data = TextClassificationDataModule(data_dir, transfer_unused_train=True, **options)
-        a.train_rows = rows
+            data = TextClassificationDataModule(data_dir, **options)
         if a.teacher_ckpt_dir is None:
             a.teacher_ckpt_dir = f"runs/bench_kd/teacher-{data_fingerprint(data)[:12]}"
         result = run(a, data)
