@@ -19,18 +19,18 @@ Steps:
    SHA-256 fingerprint of the training rows it read); otherwise the run stops and says so (``--retrain-teacher``
    fine-tunes it again in place). ``teacher_reused`` in the output.
 2. For each of ``--seeds`` seeds (``--seed``, ``--seed`` + 1, ...), the student is built (``2layer``: teacher blocks
-   ``[0, 5]`` with embeddings, pooler and head copied; ``small``: 4 blocks 256 wide, fresh, embeddings projected
-   from the teacher's (:func:`~lit_kd.students.project_embeddings`); ``bigru``: a BiGRU whose embeddings start as the
-   teacher's word embeddings) and trained twice for ``--steps`` optimizer steps from the same initialisation on the
-   same labelled batches (a seeded sampler; checked by a hash of the labelled sample indices): without distillation
-   (cross-entropy on the labels, ``ClassifierModule``) and with it (``DistillationModule``: soft cross-entropy at
-   ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` times the label cross-entropy, plus for the BERT
-   students ``--hidden-weight`` times the MSE between the student's last hidden state and the teacher's, with a
-   linear projection for ``small``). With a transfer set (the unused training rows, see above; ``--transfer-augment
-   K``: K noisy copies of every labelled sentence; ``--transfer-file F``: unlabelled sentences) each KD batch also
-   carries ``--transfer-per-sample`` unlabelled rows per labelled row, read by the KD term only, from a stream that
-   uses every transfer row once before any twice; the student alone never sees them. Both runs take the
-   same number of optimizer steps on the same labelled rows.
+   ``--student-layers``, default ``0,5``, with embeddings, pooler and head copied; ``small``: 4 blocks 256 wide, fresh,
+   embeddings projected from the teacher's (:func:`~lit_kd.students.project_embeddings`); ``bigru``: a BiGRU whose
+   embeddings start as the teacher's word embeddings) and trained twice for ``--steps`` optimizer steps from the same
+   initialisation on the same labelled batches (a seeded sampler; checked by a hash of the labelled sample indices):
+   without distillation (cross-entropy on the labels, ``ClassifierModule``) and with it (``DistillationModule``: soft
+   cross-entropy at ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` times the label cross-entropy,
+   plus for the BERT students ``--hidden-weight`` times the MSE between the student's last hidden state and the
+   teacher's, with a linear projection for ``small``). With a transfer set (the unused training rows, see above;
+   ``--transfer-augment K``: K noisy copies of every labelled sentence; ``--transfer-file F``: unlabelled sentences)
+   each KD batch also carries ``--transfer-per-sample`` unlabelled rows per labelled row, read by the KD term only,
+   from a stream that uses every transfer row once before any twice; the student alone never sees them. Both runs take
+   the same number of optimizer steps on the same labelled rows.
 3. Every model is evaluated once, at the end, on ``dev.tsv`` (or, with ``--carve-dev N``, on the last N rows of
    ``train.tsv``, held out from every training run: a second split for checking settings chosen on SST-2).
 
@@ -71,6 +71,7 @@ from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, m
 
 TEACHER_META = "bench_kd_teacher.json"  # written last: a folder without it holds no complete teacher
 STUDENT_LR = {"2layer": 1e-4, "small": 5e-4, "bigru": 2e-3}
+TWO_LAYERS = (0, 5)  # the teacher blocks the 2-layer student starts from
 SMALL = {"layers": [0, 2, 3, 5], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4}
 
 
@@ -243,9 +244,16 @@ def get_teacher(a: argparse.Namespace, data: TextClassificationDataModule) -> tu
     return teacher.eval(), {**meta, "teacher_reused": False}
 
 
-def build_student(kind: str, teacher: nn.Module, vocab_size: int, pad_token_id: int, num_labels: int) -> nn.Module:
+def build_student(
+    kind: str,
+    teacher: nn.Module,
+    vocab_size: int,
+    pad_token_id: int,
+    num_labels: int,
+    layers: tuple[int, int] = TWO_LAYERS,
+) -> nn.Module:
     if kind == "2layer":
-        return build_bert_student(teacher, layers=[0, 5]).train()
+        return build_bert_student(teacher, layers=list(layers)).train()
     if kind == "small":
         return build_bert_student(teacher, **SMALL).train()
     embeddings = teacher.get_input_embeddings()
@@ -304,11 +312,27 @@ def kd_config(a: argparse.Namespace, teacher: nn.Module) -> DistillationConfig:
     )
 
 
+def _two_layers(text: str) -> tuple[int, int]:
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        layers = ()
+    if len(layers) != 2 or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected two teacher block indices such as 0,5, got {text!r}")
+    return layers
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with train.tsv and dev.tsv (SST-2 layout)")
     p.add_argument("--teacher", default=None, help="local folder of the teacher (default: all-MiniLM-L6-v2)")
     p.add_argument("--student", choices=("2layer", "small", "bigru"), required=True)
+    p.add_argument(
+        "--student-layers",
+        type=_two_layers,
+        default=TWO_LAYERS,
+        help="the two teacher blocks the 2layer student starts from, e.g. 0,1 (default 0,5)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="student seeds (--seed, --seed + 1, ...); both runs per seed")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of each student run")
     p.add_argument("--teacher-steps", type=int, default=400, help="fine-tuning steps of the teacher")
@@ -451,7 +475,9 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
     same_batches = True
     for seed in seeds:
         L.seed_everything(seed, verbose=False)  # fresh weights of the student (BiGRU, small BERT's blocks)
-        init = build_student(a.student, teacher, data.vocab_size, data.pad_token_id, num_labels)
+        init = build_student(
+            a.student, teacher, data.vocab_size, data.pad_token_id, num_labels, layers=a.student_layers
+        )
         for name in ("no_kd", "kd"):
             student = copy.deepcopy(init)  # both runs start from the same weights
             optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
@@ -518,6 +544,7 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
                 "hard_label_weight": a.hard_label_weight,
                 "hidden_weight": a.hidden_weight if a.student != "bigru" else None,
                 "attention_weight": a.attention_weight if a.student == "2layer" else None,
+                "student_layers": list(a.student_layers) if a.student == "2layer" else None,
                 "kd_weight": a.kd_weight,
                 "staged": a.staged or None,
                 "transfer_augment": a.transfer_augment,

@@ -99,3 +99,17 @@ def test_labelled_budget_and_the_rest_as_unlabelled_transfer_text(bench, setup, 
     out = bench.main(args(data, teacher, tmp_path, "--student", "bigru", "--seeds", "1", "--retrain-teacher"))
     assert out["labelled_rows"] == KD_TRAIN_SIZE and out["settings"]["kd"]["transfer_rows"] == 0
     assert "none beyond --train-limit 2000" in capsys.readouterr().out
+
+
+def test_student_layers_choose_the_teacher_blocks(bench):
+    teacher = tiny_bert(layers=6, width=32, seed=0)
+    a = bench.parse_args(["--data-dir", "x", "--student", "2layer", "--student-layers", "1,4"])
+    assert a.student_layers == (1, 4)
+    student = bench.build_student("2layer", teacher, 100, 0, 2, layers=a.student_layers)
+    blocks_t, blocks_s = teacher.bert.encoder.layer, student.bert.encoder.layer
+    assert len(blocks_s) == 2
+    for s, t in zip(blocks_s, (blocks_t[1], blocks_t[4]), strict=True):
+        for ps, pt in zip(s.parameters(), t.parameters(), strict=True):
+            assert ps.data_ptr() != pt.data_ptr() and (ps == pt).all()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-dir", "x", "--student", "2layer", "--student-layers", "1"])
