@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lit_kt import DKT, SAKT, KTModule
 from lit_kt.models import attention
-from lit_kt.models.attention import ChunkedCausalAttention, causal_attention
+from lit_kt.models.attention import ChunkedCausalAttention, causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, dropout_mask, fast_dropout, quantized_drop_probability
 
 
@@ -91,6 +91,36 @@ def test_chunked_attention_matches_autograd_reference_in_value_and_gradient(monk
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_packed_attention_equals_the_padded_chunked_attention_with_the_same_masks(monkeypatch, p):
+    monkeypatch.setattr(attention, "CACHE_BYTES", 2 * 9 * 9 * 8)  # two heads per piece at n = 9: several pieces
+    torch.manual_seed(0)
+    B, H, L, Dh = 4, 4, 9, 5
+    lengths = [9, 4, 0, 6]  # a full row, padded rows and an empty one
+    real = torch.arange(L) < torch.tensor(lengths)[:, None]  # (B, L)
+    q, k, v = (torch.randn(B, L, H * Dh, dtype=torch.float64) for _ in range(3))
+    packed_in = [x[real].requires_grad_() for x in (q, k, v)]  # (N, D) each
+    padded_in = [x.unflatten(-1, (H, Dh)).transpose(1, 2).detach().requires_grad_() for x in (q, k, v)]
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, ()))  # the seed packed_causal_attention draws after manual_seed(7)
+    torch.manual_seed(7)
+    out = packed_causal_attention(*packed_in, lengths, H, p, training=True)  # (N, D)
+    ref = ChunkedCausalAttention.apply(*padded_in, lengths, p, seed)  # (B, H, L, Dh)
+    ref_rows = ref.transpose(1, 2).flatten(2)[real]  # (N, D)
+    torch.testing.assert_close(out, ref_rows)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, packed_in, grad)
+    want = torch.autograd.grad(ref_rows, padded_in, grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.transpose(1, 2).flatten(2)[real])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: packed_causal_attention(q, k, v, [3, 2], 2, 0.0),
+        [torch.randn(5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)],
+    )
+    with pytest.raises(ValueError, match="`lengths` to sum to the 19 packed rows but got 18"):
+        packed_causal_attention(*packed_in, [9, 4, 5], H)
 
 
 @pytest.mark.slow  # float64 gradcheck: ~25 s

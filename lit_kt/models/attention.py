@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_kt.models.dropout import dropout_mask, quantized_drop_probability
+from lit_kt.models.dropout import dropout_mask, keep_mask, kept_scale, quantized_drop_probability
 from lit_kt.models.padding import may_skip_padding
 
 CACHE_BYTES = 1 << 20  # per-chunk (L, L) working set that stays in a core's L2 cache
@@ -96,6 +96,129 @@ class ChunkedCausalAttention(torch.autograd.Function):
             grad_k[piece] = torch.matmul(grad_scores.transpose(1, 2), q[piece])
         grad_q.mul_(D**-0.5)
         return grad_q, grad_k, grad_v, None, None, None
+
+
+_ADDITIVE_MASKS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _additive_causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(n, n) view of a cached (m, m) mask, m >= n: 0 on and below the diagonal, -inf above it."""
+    key = (dtype, device)
+    mask = _ADDITIVE_MASKS.get(key)
+    if mask is None or mask.shape[0] < n:
+        size = max(n, 256)
+        mask = torch.zeros(size, size, dtype=dtype, device=device)
+        mask.masked_fill_(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), float("-inf"))
+        _ADDITIVE_MASKS[key] = mask
+    return mask[:n, :n]
+
+
+class PackedCausalAttention(torch.autograd.Function):
+    """Causal multi-head attention with dropout over *packed* rows: no padded tensor is ever built.
+
+    Inputs ``q``, ``k``, ``v`` are (N, D): the real positions of a right-padded (B, L) batch in row-major order, so
+    sample ``b`` holds rows ``offsets[b]:offsets[b] + lengths[b]`` (``lengths`` as a list; ``sum(lengths) == N``).
+    ``num_heads`` splits D. Same maths as :class:`ChunkedCausalAttention` on the padded (B, H, L, D/H) tensors, and the
+    same dropout masks for the same ``seed`` (drawn piece by piece in the same order, by the same cache-sized
+    pieces), but laid out heads-first over the packed rows, (H, N, D/H): each piece is a view, so the padded copies of
+    q, k, v, their gradients and the zero-filled outputs of the padded path are gone. The dropout scale goes on the
+    values (the (n, D/H) side), and the backward pass reuses the weights kept from the forward pass (per piece, before
+    and after dropout) instead of drawing the masks again: memory O(sum of H n^2) over the samples, small at
+    knowledge-tracing lengths (at most 2 x 4 x 8 x 200^2 bytes per 200-long sample with 8 heads, float32).
+
+    Backward, per piece, with ``W`` the weights, ``K`` the kept mask, ``Dr = W K`` and ``s`` the kept scale:
+    ``out = Dr (s v)``, ``dV = s Dr^T dOut``, ``dDr = dOut (s v)^T``, ``dS = Dr dDr - W rowsum(dOut * out)``
+    (``W K dDr = Dr dDr``), ``dq = dS k / sqrt(d)``, ``dk = dS^T q / sqrt(d)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, lengths: list[int], num_heads: int, p: float, seed: int):
+        N, D = q.shape
+        H, Dh = num_heads, D // num_heads
+        scale = kept_scale(p) if p > 0 else 1.0
+
+        def heads_first(x: Tensor) -> Tensor:  # (N, D) -> (H, N, D/H), one copy
+            return x.reshape(N, H, Dh).transpose(0, 1).contiguous()
+
+        q_h = heads_first(q * Dh**-0.5)
+        k_h = heads_first(k)
+        v_h = heads_first(v * scale if p > 0 else v)  # the kept scale on the small side of the product
+        out = torch.empty_like(q_h)  # (H, N, D/H): every row belongs to a sample, so every piece writes it
+        generator = _generator(seed, q.device) if p > 0 else None
+        keep_for_backward = any(ctx.needs_input_grad[:3])
+        saved = []
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        for b, h0, h1, n in _chunks(lengths, H, q.element_size()):
+            rows = slice(offsets[b], offsets[b] + n)
+            scores = torch.bmm(q_h[h0:h1, rows], k_h[h0:h1, rows].transpose(1, 2))  # (C, n, n)
+            weights = scores.add_(_additive_causal_mask(n, q.dtype, q.device)).softmax(dim=-1)  # (C, n, n)
+            dropped = weights
+            if p > 0:
+                # uint8 -> float, then multiply: faster on CPU than a float-times-bool product.
+                keep = keep_mask(weights.shape, p, q.device, generator)
+                dropped = keep.view(torch.uint8).to(weights.dtype).mul_(weights)
+            out[h0:h1, rows] = torch.bmm(dropped, v_h[h0:h1, rows])
+            if keep_for_backward:
+                saved.append((weights, dropped))
+        ctx.save_for_backward(q_h, k_h, v_h, out)
+        ctx.saved, ctx.lengths, ctx.offsets, ctx.scale = saved, lengths, offsets, scale
+        return out.transpose(0, 1).reshape(N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q_h, k_h, v_h, out = ctx.saved_tensors  # (H, N, D/H) each; q scaled by 1/sqrt(d), v by the kept scale
+        H, N, Dh = q_h.shape
+        grad_out = grad_out.reshape(N, H, Dh).transpose(0, 1).contiguous()  # (H, N, D/H)
+        row = (grad_out * out).sum(dim=-1, keepdim=True)  # (H, N, 1) rowsum(dDr * Dr) = rowsum(dOut * out)
+        grad_q, grad_k, grad_v = torch.empty_like(q_h), torch.empty_like(k_h), torch.empty_like(v_h)
+        pieces = _chunks(ctx.lengths, H, q_h.element_size())
+        for (b, h0, h1, n), (weights, dropped) in zip(pieces, ctx.saved, strict=True):
+            rows = slice(ctx.offsets[b], ctx.offsets[b] + n)
+            go = grad_out[h0:h1, rows]  # (C, n, D/H)
+            grad_v[h0:h1, rows] = torch.bmm(dropped.transpose(1, 2), go)
+            grad_scores = torch.bmm(go, v_h[h0:h1, rows].transpose(1, 2))  # (C, n, n) dDr
+            grad_scores.mul_(dropped).addcmul_(weights, row[h0:h1, rows], value=-1)  # dS
+            grad_q[h0:h1, rows] = torch.bmm(grad_scores, k_h[h0:h1, rows])
+            grad_k[h0:h1, rows] = torch.bmm(grad_scores.transpose(1, 2), q_h[h0:h1, rows])
+        grad_q.mul_(Dh**-0.5)
+        if ctx.scale != 1.0:
+            grad_v.mul_(ctx.scale)
+
+        def rows_first(x: Tensor) -> Tensor:  # (H, N, D/H) -> (N, D)
+            return x.transpose(0, 1).reshape(N, H * Dh)
+
+        return rows_first(grad_q), rows_first(grad_k), rows_first(grad_v), None, None, None, None
+
+
+def packed_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, lengths: list[int], num_heads: int, dropout_p: float = 0.0, training: bool = False
+) -> Tensor:
+    """Causal multi-head attention with attention dropout over packed rows (the CPU fast path's layout).
+
+    Args:
+        q: (N, D) queries of the real positions of a right-padded batch, row-major (not yet scaled).
+        k: (N, D) keys, the same rows.
+        v: (N, D) values, the same rows.
+        lengths: Real positions of each sample, summing to N (a list: the pieces are cut on the host).
+        num_heads: Heads; must divide D.
+        dropout_p: Dropout on the attention weights while ``training`` (rounded to a multiple of 1/65536).
+        training: Whether to drop.
+
+    Returns:
+        (N, D), heads merged: :class:`PackedCausalAttention`, whose masks come from a seed drawn from torch's global
+        generator (so ``torch.manual_seed`` rules).
+    """
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"Expected `dropout_p` in [0, 1] but got {dropout_p}.")
+    if sum(lengths) != q.shape[0]:
+        raise ValueError(f"Expected `lengths` to sum to the {q.shape[0]} packed rows but got {sum(lengths)}.")
+    p = quantized_drop_probability(dropout_p) if training else 0.0
+    if p == 1.0:  # every weight dropped
+        return torch.zeros_like(v)
+    seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+    return PackedCausalAttention.apply(q, k, v, lengths, num_heads, dropout_p if p > 0 else 0.0, seed)
 
 
 def causal_attention(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_kt.models.attention import causal_attention
+from lit_kt.models.attention import causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, fast_dropout
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
@@ -142,27 +142,23 @@ class SAKTBlock(nn.Module):
         attn, weights = self.attend(self.project_q(query), k, v, need_weights=need_weights, lengths=lengths)
         return self.finish(query, attn), weights  # (B, L, D)
 
-    def forward_packed(self, query: Tensor, interactions: Tensor, real: Tensor, lengths: Tensor) -> Tensor:
-        """:meth:`forward` on the real positions only: the position-wise layers skip the padding.
+    def forward_packed(self, query: Tensor, interactions: Tensor, lengths: list[int]) -> Tensor:
+        """:meth:`forward` on the real positions only: no padded tensor is built.
 
         Args:
-            query: (N, D) rows of the (B, L, D) query at the ``True`` entries of ``real``, in row-major order.
+            query: (N, D) rows of the (B, L, D) query at each row's leading real positions, in row-major order.
             interactions: (N, D) the same for the interactions.
-            real: (B, L) bool, ``True`` at positions ``< lengths[b]``.
-            lengths: (B,) per row, one past its last real position.
+            lengths: Per row, one past its last real position (summing to N).
 
         Returns:
             (N, D), the rows of :meth:`forward`'s output at the real positions.
         """
-        B, L = real.shape
-        D = query.shape[-1]
-
-        def padded(rows: Tensor) -> Tensor:  # (N, D) -> (B, L, D), 0 at padding
-            return rows.new_zeros(B, L, D).index_put_((real,), rows)
-
+        N, D = query.shape
         k, v = self.project_kv(interactions)  # 2 x (N, D)
-        attn, _ = self.attend(padded(self.project_q(query)), padded(k), padded(v), lengths=lengths)  # (B, L, H, D/H)
-        return self.finish(query, attn[real])  # (N, D)
+        attn = packed_causal_attention(
+            self.project_q(query), k, v, lengths, self.num_heads, self.attention_dropout, self.training
+        )  # (N, D)
+        return self.finish(query, attn.view(N, self.num_heads, D // self.num_heads))  # (N, D)
 
 
 class SAKT(nn.Module):
@@ -178,8 +174,8 @@ class SAKT(nn.Module):
         attention_dropout: Dropout on the attention weights; ``None`` for ``dropout``.
 
     Fast paths (same maths; tested against the plain path): on CPU the position-wise layers (embeddings, projections,
-    feed-forward, layer norms, head) run on the real positions only, and training with attention dropout uses
-    :class:`~lit_kt.models.attention.ChunkedCausalAttention`, which also skips each row's padding; elsewhere (other
+    feed-forward, layer norms, head) run on the real positions only, and so does the attention
+    (:class:`~lit_kt.models.attention.PackedCausalAttention`, sample by sample over the packed rows); elsewhere (other
     devices, and under ``torch.compile``, whose graphs need static shapes) the padded tensors go through
     ``F.scaled_dot_product_attention``. Dropout masks come from :func:`~lit_kt.models.dropout.fast_dropout` (drop
     probability rounded to a multiple of 1/65536). Logits after a row's last real position are 0 on the CPU path
@@ -259,8 +255,9 @@ class SAKT(nn.Module):
             kv = torch.where((key_pos == 0)[:, None], self.start, self.interaction_emb(key_ids))  # (N, D)
             kv = self.emb_drop(kv + self.position_emb(key_pos))
             x = self.emb_drop(self.exercise_emb(exercises[real]))  # (N, D)
+            row_ends = lengths.tolist()  # CPU: no device synchronisation
             for block in self.blocks:
-                x = block.forward_packed(x, kv, real, lengths)
+                x = block.forward_packed(x, kv, row_ends)
             logits = self.head(x).squeeze(-1)  # (N,); under autocast the head's dtype, not x's
             return logits.new_zeros(B, L).index_put_((real,), logits)  # (B, L), 0 at padding
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, D)
