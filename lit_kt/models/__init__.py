@@ -1,7 +1,12 @@
 """Knowledge-tracing models: plain ``nn.Module``s usable without Lightning."""
 
 from lit_kt.models.akt import AKT, AKTBlock, monotonic_attention
-from lit_kt.models.attention import ChunkedCausalAttention, causal_attention
+from lit_kt.models.attention import (
+    ChunkedCausalAttention,
+    PackedCausalAttention,
+    causal_attention,
+    packed_causal_attention,
+)
 from lit_kt.models.dkt import DKT
 from lit_kt.models.dropout import FastDropout, fast_dropout
 from lit_kt.models.sakt import SAKT, SAKTBlock
@@ -13,8 +18,10 @@ __all__ = [
     "AKTBlock",
     "ChunkedCausalAttention",
     "FastDropout",
+    "PackedCausalAttention",
     "SAKTBlock",
     "causal_attention",
     "fast_dropout",
     "monotonic_attention",
+    "packed_causal_attention",
 ]
