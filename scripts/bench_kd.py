@@ -122,6 +122,22 @@ class Printer(L.Callback):
             print(f"[{self.name}] step {trainer.global_step}: dev acc {acc:.4f} (curve only, not used)", flush=True)
 
 
+class KeepTrainingRandomness(L.Callback):
+    """Validation during training (``--eval-every``) leaves the training run's random numbers as they were.
+
+    Starting the validation loader's iterator draws a seed from torch's global generator, so without this a run with
+    a dev-accuracy curve would drop out different units afterwards than the same run without one: the curve would
+    change what it only observes.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._state = torch.random.get_rng_state()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and hasattr(self, "_state"):
+            torch.random.set_rng_state(self._state)
+
+
 def warmup_linear(step: int, warmup: int, total: int) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
     if step < warmup:
@@ -166,7 +182,7 @@ def fit(
         limit_val_batches=1.0 if validate else 0,
         val_check_interval=a.eval_every if validate else None,
         check_val_every_n_epoch=None if validate else 1,
-        callbacks=[timer, Printer(name, a.log_every, timer)],
+        callbacks=[timer, Printer(name, a.log_every, timer), KeepTrainingRandomness()],
     )
     L.seed_everything(seed, verbose=False)
     loader = train_loader(data, seed, a.batch_size, transfer)

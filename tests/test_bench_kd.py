@@ -113,3 +113,42 @@ def test_student_layers_choose_the_teacher_blocks(bench):
             assert ps.data_ptr() != pt.data_ptr() and (ps == pt).all()
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-dir", "x", "--student", "2layer", "--student-layers", "1"])
+
+
+def test_a_dev_curve_does_not_change_the_training_run(bench):
+    """--eval-every only observes: the validation loader's seed draw must not change later dropout masks."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.net(batch[0]).square().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(16, 4))
+
+    def train(validate: bool, keep: bool) -> torch.Tensor:
+        L.seed_everything(0, verbose=False)
+        model = Tiny()
+        trainer = L.Trainer(
+            max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1.0 if validate else 0,
+            val_check_interval=2 if validate else None, check_val_every_n_epoch=None if validate else 1,
+            callbacks=[bench.KeepTrainingRandomness()] if keep else [],
+        )  # fmt: skip
+        trainer.fit(model, DataLoader(data, batch_size=2), DataLoader(data, batch_size=8) if validate else None)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = train(validate=False, keep=True)
+    assert torch.equal(train(validate=True, keep=True), plain)
+    assert not torch.equal(train(validate=True, keep=False), plain)  # what the callback prevents
