@@ -10,33 +10,13 @@ import torch.nn.functional as F
 from lit_kt import DKT, SAKT, KTModule
 from lit_kt.models import attention
 from lit_kt.models.attention import ChunkedCausalAttention, causal_attention, packed_causal_attention
-from lit_kt.models.dropout import (
-    FastDropout,
-    dropout_mask,
-    fast_dropout,
-    quantized_drop_probability,
-    random_words,
-)
+from lit_kt.models.dropout import FastDropout, dropout_mask, fast_dropout, quantized_drop_probability
 
 
 def test_quantized_drop_probability_is_p_rounded_to_16_bits():
     assert quantized_drop_probability(0.2) == 13107 / 65536
     assert quantized_drop_probability(0.5) == 0.5
     assert quantized_drop_probability(0.0) == 0.0
-
-
-def test_random_words_have_uniform_bits_and_follow_torch_seeds():
-    torch.manual_seed(3)
-    words = random_words(200_000, torch.device("cpu"))
-    assert words.dtype == torch.int64 and words.shape == (200_000,)
-    bits = (words[:, None] >> torch.arange(64)) & 1  # (W, 64)
-    # Each bit position is 1 with probability 1/2: 4.5 standard errors (0.0011) around it.
-    assert (bits.float().mean(0) - 0.5).abs().max() < 0.005
-    torch.manual_seed(3)
-    assert torch.equal(random_words(200_000, torch.device("cpu")), words)
-    assert not torch.equal(random_words(200_000, torch.device("cpu")), words)  # the global stream moved on
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(random_words(10, torch.device("cpu"), g1), random_words(10, torch.device("cpu"), g2))
 
 
 def test_fast_dropout_keeps_each_element_with_the_right_probability_in_every_lane():

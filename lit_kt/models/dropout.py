@@ -5,14 +5,12 @@ weights that draw alone was a quarter of a training step. :func:`fast_dropout` d
 elements instead (one ``int64`` viewed as four ``int16``) and keeps an element when its 16 bits are at or above a
 threshold. The drop probability is therefore ``p`` rounded to a multiple of 1/65536 (0.2 becomes 13107/65536 =
 0.19999695); kept elements are scaled by ``1 / (1 - p_used)`` with that same probability, so the output's
-expectation is exactly the input, as with ``nn.Dropout``. Each mask is seeded by one draw from torch's default
-generator (on CPU NumPy's SFC64 then fills the random words: :func:`random_words`): ``torch.manual_seed`` makes it
-reproducible (masks differ from ``nn.Dropout``'s for the same seed).
+expectation is exactly the input, as with ``nn.Dropout``. Randomness comes from torch's default generator:
+``torch.manual_seed`` makes it reproducible (masks differ from ``nn.Dropout``'s for the same seed).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -22,20 +20,6 @@ _LEVELS = 65536  # 16 random bits per element
 def quantized_drop_probability(p: float) -> float:
     """The drop probability :func:`fast_dropout` really uses for ``p``: ``round(p * 65536) / 65536``."""
     return round(p * _LEVELS) / _LEVELS
-
-
-def random_words(count: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """``count`` uniformly random ``int64`` words (every bit uniform), drawn on ``device``.
-
-    On CPU the words come from NumPy's SFC64 generator, seeded by one draw from ``generator`` (default: torch's
-    global one, so ``torch.manual_seed`` still makes them reproducible): it fills words about three times faster
-    than torch's CPU generator, whose draws were most of a dropout mask's cost. Elsewhere, torch's generator for the
-    device.
-    """
-    if torch.device(device).type != "cpu":
-        return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device, generator=generator)
-    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator))
-    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
 
 
 def keep_mask(
@@ -54,7 +38,9 @@ def keep_mask(
     numel = 1
     for size in shape:
         numel *= size
-    words = random_words((numel + 3) // 4, device, generator)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
+    )
     bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
     return bits >= threshold - _LEVELS // 2  # P(keep) = 1 - threshold / 65536
 
