@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_kt.models.attention import additive_causal_mask
 from lit_kt.models.dropout import FastDropout, fast_dropout, keep_mask, kept_scale, quantized_drop_probability
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
@@ -103,26 +104,22 @@ def _blocked(n: int, strict: bool, device: torch.device) -> Tensor:
     return _BLOCKED[key][:n, :n]
 
 
-_CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+_GAPS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 def _constants(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The (n, n) additive causal mask (0 for keys ``<= t``, a large negative number above) and ``|t - tau|``.
+    """The (n, n) additive causal mask (:func:`~lit_kt.models.attention.additive_causal_mask`) and ``|t - tau|``.
 
-    Both are prefixes of one cached pair per device and dtype, grown when a longer sequence comes: building them
-    anew for every attention was one more (L, L) pass per call. The mask is finite (half the dtype's lowest value),
-    so that a masked score times a decay of 1 stays finite and ``0 * score`` is 0 in the backward pass.
+    The distances are a prefix of one cached matrix per device and dtype, grown when a longer sequence comes:
+    building them anew for every attention was one more (L, L) pass per call.
     """
-    key = (device, dtype)
-    if key not in _CONSTANTS or _CONSTANTS[key][0].shape[0] < n:
-        size = max(n, 2 * _CONSTANTS[key][0].shape[0] if key in _CONSTANTS else 256)
-        mask = torch.zeros(size, size, dtype=dtype, device=device)
-        mask.masked_fill_(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), torch.finfo(dtype).min / 2)
+    key = (torch.device(device), dtype)
+    gap = _GAPS.get(key)
+    if gap is None or gap.shape[0] < n:
+        size = max(n, 2 * gap.shape[0] if gap is not None else 256)
         positions = torch.arange(size, device=device)
-        gap = (positions[:, None] - positions[None, :]).abs().to(dtype)
-        _CONSTANTS[key] = (mask, gap)
-    mask, gap = _CONSTANTS[key]
-    return mask[:n, :n], gap[:n, :n]
+        gap = _GAPS[key] = (positions[:, None] - positions[None, :]).abs().to(dtype)
+    return additive_causal_mask(n, device, dtype), gap[:n, :n]
 
 
 def length_chunks(lengths: list[int], num_heads: int, element_bytes: int) -> list[tuple[int, int, int]]:

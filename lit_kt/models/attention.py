@@ -98,18 +98,24 @@ class ChunkedCausalAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-_ADDITIVE_MASKS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_CAUSAL_MASKS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _additive_causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(n, n) view of a cached (m, m) mask, m >= n: 0 on and below the diagonal, -inf above it."""
-    key = (dtype, device)
-    mask = _ADDITIVE_MASKS.get(key)
+def additive_causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (n, n) additive causal mask: 0 for keys ``<= t``, a large negative number above the diagonal.
+
+    A prefix view of one cached mask per device and dtype, grown when a longer sequence comes (building it anew for
+    every attention piece was one more (n, n) pass). The value is finite (half the dtype's lowest), so that a masked
+    score times a factor near 1 stays finite and ``0 * score`` is 0 (AKT's decay); softmax gives it weight 0 exactly,
+    as it would ``-inf``.
+    """
+    key = (torch.device(device), dtype)
+    mask = _CAUSAL_MASKS.get(key)
     if mask is None or mask.shape[0] < n:
-        size = max(n, 256)
+        size = max(n, 2 * mask.shape[0] if mask is not None else 256)
         mask = torch.zeros(size, size, dtype=dtype, device=device)
-        mask.masked_fill_(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), float("-inf"))
-        _ADDITIVE_MASKS[key] = mask
+        mask.masked_fill_(torch.ones(size, size, dtype=torch.bool, device=device).triu_(1), torch.finfo(dtype).min / 2)
+        _CAUSAL_MASKS[key] = mask
     return mask[:n, :n]
 
 
@@ -137,12 +143,13 @@ class PackedCausalAttention(torch.autograd.Function):
         H, Dh = num_heads, D // num_heads
         scale = kept_scale(p) if p > 0 else 1.0
 
-        def heads_first(x: Tensor) -> Tensor:  # (N, D) -> (H, N, D/H), one copy
-            return x.reshape(N, H, Dh).transpose(0, 1).contiguous()
+        def heads_first(x: Tensor, factor: float = 1.0) -> Tensor:  # (N, D) -> (H, N, D/H), times factor: one pass
+            heads = x.reshape(N, H, Dh).transpose(0, 1)
+            return heads.contiguous() if factor == 1.0 else torch.mul(heads, factor, out=x.new_empty(H, N, Dh))
 
-        q_h = heads_first(q * Dh**-0.5)
+        q_h = heads_first(q, Dh**-0.5)
         k_h = heads_first(k)
-        v_h = heads_first(v * scale if p > 0 else v)  # the kept scale on the small side of the product
+        v_h = heads_first(v, scale)  # the kept scale on the small side of the product
         out = torch.empty_like(q_h)  # (H, N, D/H): every row belongs to a sample, so every piece writes it
         generator = _generator(seed, q.device) if p > 0 else None
         keep_for_backward = any(ctx.needs_input_grad[:3])
@@ -153,7 +160,7 @@ class PackedCausalAttention(torch.autograd.Function):
         for b, h0, h1, n in _chunks(lengths, H, q.element_size()):
             rows = slice(offsets[b], offsets[b] + n)
             scores = torch.bmm(q_h[h0:h1, rows], k_h[h0:h1, rows].transpose(1, 2))  # (C, n, n)
-            weights = scores.add_(_additive_causal_mask(n, q.dtype, q.device)).softmax(dim=-1)  # (C, n, n)
+            weights = scores.add_(additive_causal_mask(n, q.device, q.dtype)).softmax(dim=-1)  # (C, n, n)
             dropped = weights
             if p > 0:
                 # uint8 -> float, then multiply: faster on CPU than a float-times-bool product.
@@ -182,14 +189,14 @@ class PackedCausalAttention(torch.autograd.Function):
             grad_scores.mul_(dropped).addcmul_(weights, row[h0:h1, rows], value=-1)  # dS
             grad_q[h0:h1, rows] = torch.bmm(grad_scores, k_h[h0:h1, rows])
             grad_k[h0:h1, rows] = torch.bmm(grad_scores.transpose(1, 2), q_h[h0:h1, rows])
-        grad_q.mul_(Dh**-0.5)
-        if ctx.scale != 1.0:
-            grad_v.mul_(ctx.scale)
 
-        def rows_first(x: Tensor) -> Tensor:  # (H, N, D/H) -> (N, D)
-            return x.transpose(0, 1).reshape(N, H * Dh)
+        def rows_first(x: Tensor, factor: float = 1.0) -> Tensor:  # (H, N, D/H) -> (N, D), times factor: one pass
+            rows = x.transpose(0, 1)
+            if factor == 1.0:
+                return rows.reshape(N, H * Dh)
+            return torch.mul(rows, factor, out=x.new_empty(N, H, Dh)).view(N, H * Dh)
 
-        return rows_first(grad_q), rows_first(grad_k), rows_first(grad_v), None, None, None, None
+        return rows_first(grad_q, Dh**-0.5), rows_first(grad_k), rows_first(grad_v, ctx.scale), None, None, None, None
 
 
 def packed_causal_attention(
