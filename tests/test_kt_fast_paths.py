@@ -121,6 +121,8 @@ def test_packed_attention_equals_the_padded_chunked_attention_with_the_same_mask
     )
     with pytest.raises(ValueError, match="`lengths` to sum to the 19 packed rows but got 18"):
         packed_causal_attention(*packed_in, [9, 4, 5], H)
+    with pytest.raises(ValueError, match="`num_heads` to divide the width 20 but got 3"):
+        packed_causal_attention(*packed_in, lengths, 3)
 
 
 @pytest.mark.slow  # float64 gradcheck: ~25 s

@@ -219,6 +219,8 @@ def packed_causal_attention(
     """
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"Expected `dropout_p` in [0, 1] but got {dropout_p}.")
+    if num_heads < 1 or q.shape[-1] % num_heads:
+        raise ValueError(f"Expected `num_heads` to divide the width {q.shape[-1]} but got {num_heads}.")
     if sum(lengths) != q.shape[0]:
         raise ValueError(f"Expected `lengths` to sum to the {q.shape[0]} packed rows but got {sum(lengths)}.")
     p = quantized_drop_probability(dropout_p) if training else 0.0
