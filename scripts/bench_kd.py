@@ -287,20 +287,27 @@ def build_student(
 def kd_config(a: argparse.Namespace, teacher: nn.Module) -> DistillationConfig:
     matches = []
     if a.student in ("2layer", "small") and a.hidden_weight > 0:
-        # The students' last hidden state against the teacher's (2layer: both 384 wide; small: 256 -> 384).
+        # The students' hidden states against the teacher's (2layer: both 384 wide; small: 256 -> 384, one linear
+        # projection per match): the last only, or (--hidden-layers uniform, TinyBERT's mapping) student layer m
+        # against teacher layer m * N // M for m = 0 (the embeddings) .. M.
         depth = 2 if a.student == "2layer" else len(SMALL["layers"])
         width_t = teacher.config.hidden_size
+        layers_t = teacher.config.num_hidden_layers
         projection = None if a.student == "2layer" else ("linear", SMALL["hidden_size"], width_t)
-        matches.append(
-            IntermediateMatch(
-                layer_t=teacher.config.num_hidden_layers,
-                layer_s=depth,
-                loss="hidden_mse",
-                weight=a.hidden_weight,
-                projection=projection,
-                weight_scheduler="first_stage" if a.staged else "constant",
-            )
+        pairs = (
+            [(depth, layers_t)] if a.hidden_layers == "last" else [(m, m * layers_t // depth) for m in range(depth + 1)]
         )
+        for layer_s, layer_t in pairs:
+            matches.append(
+                IntermediateMatch(
+                    layer_t=layer_t,
+                    layer_s=layer_s,
+                    loss="hidden_mse",
+                    weight=a.hidden_weight,
+                    projection=projection,
+                    weight_scheduler="first_stage" if a.staged else "constant",
+                )
+            )
     if a.student == "2layer" and a.attention_weight > 0:
         # The student's last attention maps against the teacher's (both 12 heads).
         matches.append(
@@ -317,7 +324,7 @@ def kd_config(a: argparse.Namespace, teacher: nn.Module) -> DistillationConfig:
     second = "second_stage" if a.staged else "constant"
     return DistillationConfig(
         temperature=a.temperature,
-        kd_loss_type="ce",
+        kd_loss_type=a.kd_loss,
         kd_loss_weight=a.kd_weight,
         kd_loss_weight_scheduler=second,
         hard_label_weight=a.hard_label_weight,
@@ -365,7 +372,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hard-label-weight", type=float, default=1.0)
     p.add_argument("--hidden-weight", type=float, default=1.0, help="last-hidden-state MSE weight (BERT students)")
     p.add_argument(
+        "--hidden-layers",
+        choices=("last", "uniform"),
+        default="last",
+        help="hidden states matched: the last, or every student layer m (embeddings included) against teacher layer "
+        "m * N // M (TinyBERT's uniform mapping), each at --hidden-weight",
+    )
+    p.add_argument(
         "--attention-weight", type=float, default=0.0, help="last-attention-map MSE weight (2layer student only)"
+    )
+    p.add_argument(
+        "--kd-loss",
+        choices=("ce", "kl", "mse"),
+        default="ce",
+        help="logits loss of the KD term: soft cross-entropy, KL divergence (both at --temperature) or MSE on logits",
     )
     p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the soft cross-entropy (KD) term")
     p.add_argument(
@@ -554,11 +574,12 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
             "teacher_step_s": teacher_meta["teacher_step_s"],
             "teacher_finetune_seconds": teacher_meta["teacher_finetune_seconds"],
             "kd": {
-                "kd_loss_type": "ce",
+                "kd_loss_type": a.kd_loss,
                 "temperature": a.temperature,
                 "scale_by_temperature_squared": True,
                 "hard_label_weight": a.hard_label_weight,
                 "hidden_weight": a.hidden_weight if a.student != "bigru" else None,
+                "hidden_layers": a.hidden_layers if a.student != "bigru" else None,
                 "attention_weight": a.attention_weight if a.student == "2layer" else None,
                 "student_layers": list(a.student_layers) if a.student == "2layer" else None,
                 "kd_weight": a.kd_weight,

@@ -46,7 +46,7 @@ from _bench import emit, machine
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lit_kt import AKT, DKT, SAKT, KTDataModule, KTModule, masked_bce_with_logits
-from lit_kt.calibration import calibrate
+from lit_kt.calibration import calibrate, collect_logits
 
 DEFAULTS = {
     # SAKT: at most 100 epochs (early stopping ends it): a cap of 40 ended every ASSIST2009 seed with validation AUC
@@ -217,6 +217,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--step-warmup", type=int, default=5, help="untimed batches before them")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--save-logits",
+        type=Path,
+        default=None,
+        help="also write the tested checkpoint's raw validation and test logits and responses (scored positions) to "
+        "this .pt file (keys val_logits, val_labels, test_logits, test_labels, train_logits and train_labels in eval "
+        "mode, temperature), for calibration studies",
+    )
     a = p.parse_args(argv)
     for key, value in DEFAULTS[a.model].items():
         if getattr(a, key) is None:
@@ -279,6 +287,23 @@ def main(argv: list[str] | None = None) -> dict:
         # The module now holds the tested weights: fit T on the validation split, then test again with it.
         temperature = calibrate(module, data.val_dataloader())
         calibrated = trainer.test(module, data, verbose=False)[0]
+        if a.save_logits is not None:
+            val_z, val_y = collect_logits(module, data.val_dataloader())
+            test_z, test_y = collect_logits(module, data.test_dataloader())
+            train_z, train_y = collect_logits(module, data.train_dataloader())  # eval mode: no dropout
+            a.save_logits.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                dict(
+                    val_logits=val_z,
+                    val_labels=val_y,
+                    test_logits=test_z,
+                    test_labels=test_y,
+                    train_logits=train_z,
+                    train_labels=train_y,
+                    temperature=temperature,
+                ),
+                a.save_logits,
+            )
     train_throughput = meter.interactions / max(meter.seconds, 1e-9)
     result = {
         "model": a.model,

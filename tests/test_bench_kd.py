@@ -87,6 +87,20 @@ def test_staged_distillation_weights(bench):
         bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "1"])
 
 
+def test_hidden_layers_uniform_is_tinybert_mapping(bench):
+    """``--hidden-layers uniform``: student layer m against teacher layer m * N // M, embeddings (m = 0) included."""
+    teacher = tiny_bert(layers=6, width=32, seed=0)
+    last = bench.kd_config(bench.parse_args(["--data-dir", "d", "--student", "2layer"]), teacher)
+    assert [(m.layer_s, m.layer_t) for m in last.intermediate_matches] == [(2, 6)]
+    for student, pairs in (("2layer", [(0, 0), (1, 3), (2, 6)]), ("small", [(0, 0), (1, 1), (2, 3), (3, 4), (4, 6)])):
+        a = bench.parse_args(["--data-dir", "d", "--student", student, "--hidden-layers", "uniform"])
+        cfg = bench.kd_config(a, teacher)
+        assert [(m.layer_s, m.layer_t) for m in cfg.intermediate_matches] == pairs
+        assert {m.loss for m in cfg.intermediate_matches} == {"hidden_mse"}
+        # The small student (256 wide) needs a projection per match into the teacher's width.
+        assert all((m.projection is None) == (student == "2layer") for m in cfg.intermediate_matches)
+
+
 def test_labelled_budget_and_the_rest_as_unlabelled_transfer_text(bench, setup, tmp_path, capsys):
     data, teacher = setup
     limit = KD_TRAIN_SIZE // 2

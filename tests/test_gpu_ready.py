@@ -179,8 +179,21 @@ def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tm
     bench_kt = scripts("bench_kt")
     common = ["--data-dir", str(tmp_path), "--model", "akt", "--d-model", "8", "--num-heads", "2", "--threads", "1"]
     common += ["--step-batches", "1", "--step-warmup", "0", "--max-len", "12"]
-    free = bench_kt.main([*common, "--epochs", "2", "--max-minutes", "10"])
+    saved = tmp_path / "logits.pt"
+    free = bench_kt.main([*common, "--epochs", "2", "--max-minutes", "10", "--save-logits", str(saved)])
     assert free["epochs"] == 2 and not free["stopped_by_time"] and free["settings"]["max_minutes"] == 10
+    # --save-logits: the tested model's raw logits; the test split's reproduce the reported AUC and ECE.
+    from torchmetrics.functional.classification import binary_auroc
+
+    from lit_kt.calibration import expected_calibration_error
+
+    logits = torch.load(saved, weights_only=True)
+    z, y, t = logits["test_logits"], logits["test_labels"], logits["temperature"]
+    assert z.shape == y.shape and z.numel() == sum(len(s.responses) for s in students[40:])
+    assert logits["val_logits"].numel() > 0 and logits["train_logits"].numel() > 0
+    assert t == pytest.approx(free["temperature"], abs=1e-4)
+    assert float(binary_auroc(z, y.long())) == pytest.approx(free["auc"], abs=1e-4)
+    assert expected_calibration_error(torch.sigmoid(z / t), y) == pytest.approx(free["ece"], abs=1e-4)
     # A budget of 1 ms: the fit stops after its first batch, before any epoch ends.
     bounded = bench_kt.main([*common, "--epochs", "50", "--max-minutes", "0.00002"])
     assert bounded["stopped_by_time"] and bounded["epochs"] < 50
