@@ -18,6 +18,19 @@ Since ``z -> z / T`` is increasing, rankings, hence AUC, and the 0.5 threshold, 
 :class:`~lit_kt.KTModule` keeps ``T`` in its ``temperature`` buffer (saved in checkpoints) and applies it in its
 metrics, ``predict_step`` and ``predict_next``; :class:`TemperatureScaling` fits it after ``fit``, and
 :func:`calibrate` fits it for any module and loader.
+
+**The training split's base rate** (optional, before the temperature: ``calibrate(..., train_dataloader=...)``,
+``TemperatureScaling(shift_on_train=True)``): a model trained with dropout fits its output bias to the *noisy*
+training-mode logits; in eval mode its predictions shift, upwards when most answers are correct (SAKT on ASSIST2009,
+dropout 0.2: the mean eval-mode probability on its own training students is 0.681 against their 0.659 rate of
+correct answers; dropout 0.1: 0.663). A temperature cannot remove a shift, and the validation split is too small to
+measure one reliably (on ASSIST2009 the correct-answer rate of a random 10% of the training students varies with a
+standard deviation of 0.017). So the shift ``b`` is fitted on the training split, in eval mode, such that the mean
+of ``sigmoid(z + b)`` equals its rate of correct answers (:func:`fit_logit_shift`), then ``T`` on the validation
+split's ``z + b``. The calibrated probability is ``sigmoid((z + b) / T)``, still increasing in ``z``: AUC and the
+ranking are unchanged (accuracy may move, since the 0.5 threshold moves by ``-b`` in ``z``). The module keeps ``b``
+in its ``logit_shift`` buffer (0 by default) and applies it wherever it applies ``T``. Measured on ASSIST2009 in
+docs/benchmarks.md ("Calibration").
 """
 
 from __future__ import annotations
@@ -149,6 +162,67 @@ def brier_score(probs: Any, labels: Any) -> float:
     return float(((p - y) ** 2).mean())
 
 
+def calibrated_probabilities(logits: Tensor, temperature: float | Tensor = 1.0, shift: float | Tensor = 0.0) -> Tensor:
+    """``sigmoid((logits + shift) / temperature)`` in float32 (or wider): the calibration map of the package.
+
+    Example:
+        >>> calibrated_probabilities(torch.tensor([0.0, 2.0]), temperature=2.0, shift=-2.0)
+        tensor([0.2689, 0.5000])
+    """
+    return torch.sigmoid((logits.float() + shift) / temperature)
+
+
+def fit_logit_shift(logits: Any, labels: Any, tol: float = 1e-9) -> float:
+    """The shift ``b`` that makes the mean of ``sigmoid(logits + b)`` equal the fraction of correct labels.
+
+    The mean is increasing in ``b``, so a bisection finds the one root (on the bracket ``[-50, 50]``, wide enough
+    for any rate strictly between 0 and 1 at float precision).
+
+    Args:
+        logits: Logits of a correct answer (before the sigmoid), any shape (flattened).
+        labels: The 0/1 responses, as many; both classes must occur.
+        tol: Stop when the bracket on ``b`` is narrower than this.
+
+    Returns:
+        ``b`` as a float.
+
+    Raises:
+        ValueError: If there are no logits, a logit is not finite, a label is not 0/1, the sizes differ, or every
+            label is the same (no finite shift exists).
+
+    Example:
+        >>> # logits 0, right 3 times in 4: sigmoid(b) = 3/4, so b = log 3
+        >>> round(fit_logit_shift([0.0, 0, 0, 0], [1, 1, 1, 0]), 4)
+        1.0986
+    """
+    z = _as_logits(logits)
+    y = _as_labels(labels, z.numel()).double()
+    rate = float(y.mean())
+    if rate in (0.0, 1.0):
+        raise ValueError(
+            f"Expected both correct and incorrect answers to fit a logit shift on but every label is {int(rate)}."
+        )
+    lo, hi = -50.0, 50.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if float(torch.sigmoid(z + mid).mean()) > rate:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+def _as_logits(logits: Any) -> Tensor:
+    z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, Tensor) else logits).reshape(-1).double()
+    if z.numel() == 0:
+        raise ValueError("Expected at least one logit in `logits` but got none.")
+    bad = (~torch.isfinite(z)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"Expected finite `logits` but got {z[i].item()} at position {i}.")
+    return z
+
+
 def _nll(logits: Tensor, labels: Tensor, log_t: float) -> float:
     return float(F.binary_cross_entropy_with_logits(logits * math.exp(-log_t), labels))
 
@@ -185,13 +259,7 @@ def fit_temperature(
         raise ValueError(
             f"Expected 0 < `min_temperature` <= `max_temperature` but got {min_temperature} and {max_temperature}."
         )
-    z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, Tensor) else logits).reshape(-1).double()
-    if z.numel() == 0:
-        raise ValueError("Expected at least one logit in `logits` but got none.")
-    bad = (~torch.isfinite(z)).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(f"Expected finite `logits` but got {z[i].item()} at position {i}.")
+    z = _as_logits(logits)
     y = _as_labels(labels, z.numel()).double()
     lo, hi = math.log(min_temperature), math.log(max_temperature)
     ratio = (math.sqrt(5) - 1) / 2
@@ -262,48 +330,73 @@ def collect_logits(module: torch.nn.Module, dataloader: Iterable[dict[str, Tenso
     return _gather(trainer, z).cpu(), _gather(trainer, y).cpu()
 
 
-def calibrate(module: torch.nn.Module, dataloader: Iterable[dict[str, Tensor]], **kwargs: Any) -> float:
-    """Fits the temperature of a :class:`~lit_kt.KTModule` on a loader (the validation split) and stores it.
+def calibrate(
+    module: torch.nn.Module,
+    dataloader: Iterable[dict[str, Tensor]],
+    train_dataloader: Iterable[dict[str, Tensor]] | None = None,
+    **kwargs: Any,
+) -> float:
+    """Fits the calibration of a :class:`~lit_kt.KTModule` and stores it: ``T`` on ``dataloader`` (validation).
+
+    With ``train_dataloader``, first the logit shift on the training split (:func:`fit_logit_shift`, stored in the
+    ``logit_shift`` buffer), then ``T`` on the validation logits plus that shift; without it the shift is set to 0.
 
     Args:
-        module: The module; its ``temperature`` buffer is set to the fitted ``T``.
-        dataloader: Batches of the split to fit on (never the test split).
+        module: The module; its ``temperature`` buffer is set to the fitted ``T`` (and ``logit_shift`` to ``b``).
+        dataloader: Batches of the split to fit ``T`` on (never the test split).
+        train_dataloader: Batches of the training split to fit the shift on (run in eval mode), or ``None``.
         **kwargs: Passed to :func:`fit_temperature` (``min_temperature``, ``max_temperature``, ``tol``).
 
     Returns:
         The fitted temperature.
 
     Raises:
-        AttributeError: If the module has no ``temperature`` buffer.
-        ValueError: If the loader yields no scored position.
+        AttributeError: If the module has no ``temperature`` buffer (or no ``logit_shift`` one when asked to fit it).
+        ValueError: If a loader yields no scored position.
 
     Example:
-        >>> calibrate(module, datamodule.val_dataloader())  # doctest: +SKIP
-        1.37
+        >>> calibrate(module, datamodule.val_dataloader(), datamodule.train_dataloader())  # doctest: +SKIP
+        1.16
     """
     if not isinstance(getattr(module, "temperature", None), Tensor):
         raise AttributeError(
             f"Expected a module with a `temperature` buffer (a lit_kt.KTModule) but got {type(module).__name__}."
         )
+    has_shift = isinstance(getattr(module, "logit_shift", None), Tensor)
+    if train_dataloader is not None and not has_shift:
+        raise AttributeError(
+            f"Expected a module with a `logit_shift` buffer (a lit_kt.KTModule) to fit a shift on "
+            f"`train_dataloader` but got {type(module).__name__}."
+        )
+    shift = 0.0
+    if train_dataloader is not None:
+        train_logits, train_labels = collect_logits(module, train_dataloader)
+        if train_logits.numel() == 0:
+            raise ValueError("Expected `train_dataloader` to yield scored positions to fit the shift on but got none.")
+        shift = fit_logit_shift(train_logits, train_labels)
     logits, labels = collect_logits(module, dataloader)
     if logits.numel() == 0:
         raise ValueError("Expected the loader to yield scored positions to fit the temperature on but got none.")
-    t = fit_temperature(logits, labels, **kwargs)
+    t = fit_temperature(logits + shift, labels, **kwargs)
     module.temperature.fill_(t)
+    if has_shift:
+        module.logit_shift.fill_(shift)
     return t
 
 
 class TemperatureScaling(L.Callback):
-    """Fits the module's temperature on the validation split when ``fit`` ends (post-hoc temperature scaling).
+    """Fits the module's calibration when ``fit`` ends: the temperature on the validation split (post-hoc scaling).
 
     After ``fit``, the model runs over the validation loader, :func:`fit_temperature` fits ``T`` on its scored
     positions, and ``T`` is stored in the module's ``temperature`` buffer (so test metrics, ``predict_step`` and
     ``predict_next`` use it, and a checkpoint saved afterwards holds it) and reported as ``val/temperature``
-    (``trainer.callback_metrics`` and the loggers).
+    (``trainer.callback_metrics`` and the loggers). With ``shift_on_train``, the logit shift is fitted first on the
+    training loader in eval mode (:func:`fit_logit_shift`, the ``logit_shift`` buffer, ``val/logit_shift``) and ``T``
+    on the shifted validation logits (see the module docstring).
 
-    The checkpoints written *during* fit hold the temperature of their time (1 on a first fit). So that a test or
-    predict run from a checkpoint (``test_after_fit`` tests ``best.ckpt``) uses a temperature fitted for those
-    weights, the callback fits it again on the datamodule's validation loader when a test or predict run restores a
+    The checkpoints written *during* fit hold the calibration of their time (``T = 1``, no shift, on a first fit). So
+    that a test or predict run from a checkpoint (``test_after_fit`` tests ``best.ckpt``) uses one fitted for those
+    weights, the callback fits it again on the datamodule's loaders when a test or predict run restores a
     checkpoint (``refit_after_restore``).
 
     From the command line: ``lit-kt fit --config CONFIG --trainer.callbacks+ lit_kt.TemperatureScaling``.
@@ -313,10 +406,16 @@ class TemperatureScaling(L.Callback):
             (``ckpt_path``).
         min_temperature: Smallest temperature considered.
         max_temperature: Largest temperature considered.
+        shift_on_train: Also fit the logit shift on the training split (needs a training loader: the datamodule's,
+            or the fit's).
     """
 
     def __init__(
-        self, refit_after_restore: bool = True, min_temperature: float = 1e-2, max_temperature: float = 1e2
+        self,
+        refit_after_restore: bool = True,
+        min_temperature: float = 1e-2,
+        max_temperature: float = 1e2,
+        shift_on_train: bool = False,
     ) -> None:
         if not 0 < min_temperature <= max_temperature:
             raise ValueError(
@@ -325,12 +424,17 @@ class TemperatureScaling(L.Callback):
         self.refit_after_restore = refit_after_restore
         self.min_temperature = min_temperature
         self.max_temperature = max_temperature
+        self.shift_on_train = shift_on_train
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loaders = trainer.val_dataloaders
         if loaders is None and trainer.datamodule is not None:
             loaders = trainer.datamodule.val_dataloader()
-        self._fit(trainer, pl_module, loaders)
+        train = None
+        if self.shift_on_train:
+            dm = trainer.datamodule
+            train = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+        self._fit(trainer, pl_module, loaders, train)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._refit(trainer, pl_module)
@@ -346,19 +450,42 @@ class TemperatureScaling(L.Callback):
                 "Expected a datamodule with a validation split to fit the temperature for the checkpoint "
                 f"{trainer.ckpt_path} but the run has none; pass `datamodule=` or `refit_after_restore=False`."
             )
-        self._fit(trainer, pl_module, trainer.datamodule.val_dataloader())
+        train = trainer.datamodule.train_dataloader() if self.shift_on_train else None
+        self._fit(trainer, pl_module, trainer.datamodule.val_dataloader(), train)
 
-    def _fit(self, trainer: L.Trainer, pl_module: L.LightningModule, loaders: Any) -> None:
+    def _fit(self, trainer: L.Trainer, pl_module: L.LightningModule, loaders: Any, train: Any = None) -> None:
         if not loaders:
             raise ValueError("Expected a validation loader to fit the temperature on but the run has none.")
+        if self.shift_on_train and train is None:
+            raise ValueError(
+                "Expected a training loader to fit the logit shift on (`shift_on_train=True`) but the run has none."
+            )
+        has_shift = isinstance(getattr(pl_module, "logit_shift", None), Tensor)
+        if train is not None and not has_shift:
+            raise AttributeError(
+                f"Expected a module with a `logit_shift` buffer (a lit_kt.KTModule) but got {type(pl_module).__name__}."
+            )
+        shift = 0.0
+        if train is not None:
+            z_train, y_train = collect_logits(pl_module, train)
+            if z_train.numel() == 0:
+                raise ValueError("Expected scored positions in the training split to fit the shift but got none.")
+            shift = fit_logit_shift(z_train, y_train)
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         parts = [collect_logits(pl_module, loader) for loader in loaders]
         logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if logits.numel() == 0:
             raise ValueError("Expected scored positions in the validation split to fit the temperature but got none.")
-        t = fit_temperature(logits, labels, self.min_temperature, self.max_temperature)
+        t = fit_temperature(logits + shift, labels, self.min_temperature, self.max_temperature)
         pl_module.temperature.fill_(t)
-        trainer.callback_metrics["val/temperature"] = torch.tensor(t)
+        metrics = {"val/temperature": t}
+        if has_shift:
+            pl_module.logit_shift.fill_(shift)
+            metrics["val/logit_shift"] = shift
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
         for logger in trainer.loggers:
-            logger.log_metrics({"val/temperature": t}, step=trainer.global_step)
-        rank_zero_info(f"TemperatureScaling: T = {t:.4f} fitted on {logits.numel()} validation positions.")
+            logger.log_metrics(metrics, step=trainer.global_step)
+        where = f" on {logits.numel()} validation positions"
+        extra = f", shift {shift:+.4f} fitted on the training split" if train is not None else ""
+        rank_zero_info(f"TemperatureScaling: T = {t:.4f} fitted{where}{extra}.")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lit_kt.calibration import calibrated_probabilities
 
 
 def _as_ids(values: int | Sequence[int] | Tensor, name: str) -> Tensor:
@@ -57,6 +60,7 @@ def predict_next(
     temperature: float = 1.0,
     questions: Sequence[int] | Tensor | None = None,
     candidate_questions: int | Sequence[int] | Tensor | None = None,
+    logit_shift: float = 0.0,
 ) -> Tensor:
     """Probability of a correct answer on each candidate next exercise, given one student's history.
 
@@ -75,6 +79,8 @@ def predict_next(
             model that embeds questions (``num_questions > 0``, e.g. :class:`~lit_kt.AKT` with Rasch embeddings);
             give ``candidate_questions`` with it. ``None``: concept ids only.
         candidate_questions: The question id of each candidate (same length as ``candidates``).
+        logit_shift: Added to the logits before the temperature divides them (the calibration's shift, see
+            :mod:`lit_kt.calibration`; :meth:`lit_kt.KTModule.predict_next` passes the module's).
 
     Returns:
         (C,) probabilities, one per candidate, in the order given.
@@ -96,6 +102,8 @@ def predict_next(
         )
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"Expected `temperature` to be a positive number but got {temperature!r}.")
+    if not (isinstance(logit_shift, (int, float)) and math.isfinite(logit_shift)):
+        raise ValueError(f"Expected `logit_shift` to be a finite number but got {logit_shift!r}.")
     if cand.numel() == 0:
         raise ValueError("Expected at least one id in `candidates` but got none.")
     n = model.num_exercises
@@ -132,4 +140,4 @@ def predict_next(
             logits = model(batch_ex, batch_resp, questions=batch_q)
     finally:
         model.train(was_training)
-    return torch.sigmoid(logits[:, -1].float() / temperature).cpu()
+    return calibrated_probabilities(logits[:, -1], temperature, logit_shift).cpu()

@@ -17,6 +17,7 @@ def mastery(
     responses: Sequence[int] | Tensor,
     concepts: Sequence[int] | Tensor | None = None,
     temperature: float | None = None,
+    logit_shift: float | None = None,
 ) -> np.ndarray:
     """Predicted mastery of each concept after each interaction of one student's history.
 
@@ -33,6 +34,8 @@ def mastery(
         concepts: The concept ids of the columns, in this order; ``None`` is all ids ``1..num_exercises``.
         temperature: The logits are divided by it before the sigmoid; ``None`` is the module's ``temperature``
             buffer for a :class:`lit_kt.KTModule` and 1 for a bare model.
+        logit_shift: Added to the logits before the temperature (see :mod:`lit_kt.calibration`); ``None`` is the
+            module's ``logit_shift`` buffer for a :class:`lit_kt.KTModule` and 0 for a bare model.
 
     Returns:
         (L, C) float array: L interactions, C concepts.
@@ -49,6 +52,9 @@ def mastery(
     if temperature is None:
         buffer = getattr(model, "temperature", None)
         temperature = float(buffer) if isinstance(buffer, Tensor) else 1.0
+    if logit_shift is None:
+        buffer = getattr(model, "logit_shift", None)
+        logit_shift = float(buffer) if isinstance(buffer, Tensor) else 0.0
     if hasattr(model, "model") and isinstance(model.model, nn.Module) and hasattr(model.model, "num_exercises"):
         model = model.model  # a KTModule
     if not hasattr(model, "num_exercises"):
@@ -63,18 +69,20 @@ def mastery(
     out = np.empty((L, C), dtype=np.float32)
     if L == 0 or ex.numel() != resp.numel():
         # Validates everything (the message names the argument); with an empty history, nothing to fill.
-        _predict(model, ex, resp, cand, temperature)
+        _predict(model, ex, resp, cand, temperature, logit_shift)
         return out
     # The last row first: it validates the whole history, so positions in error messages are the caller's.
-    out[L - 1] = _predict(model, ex, resp, cand, temperature)
+    out[L - 1] = _predict(model, ex, resp, cand, temperature, logit_shift)
     for t in range(L - 1):
-        out[t] = _predict(model, ex[: t + 1], resp[: t + 1], cand, temperature)  # given interactions 0..t
+        out[t] = _predict(model, ex[: t + 1], resp[: t + 1], cand, temperature, logit_shift)  # given interactions 0..t
     return out
 
 
-def _predict(model: nn.Module, ex: Tensor, resp: Tensor, cand: Tensor, temperature: float) -> np.ndarray:
+def _predict(
+    model: nn.Module, ex: Tensor, resp: Tensor, cand: Tensor, temperature: float, logit_shift: float
+) -> np.ndarray:
     try:
-        return predict_next(model, ex, resp, cand, temperature).numpy()
+        return predict_next(model, ex, resp, cand, temperature, logit_shift=logit_shift).numpy()
     except ValueError as err:
         # predict_next calls them candidates; here they are the concepts.
         raise ValueError(str(err).replace("`candidates`", "`concepts`")) from None

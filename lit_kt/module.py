@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryCalibrationError
 
+from lit_kt.calibration import calibrated_probabilities
 from lit_kt.inference import predict_next
 from lit_kt.losses import masked_bce_with_logits
 from lit_kt.models import AKT, DKT, SAKT
@@ -255,8 +256,10 @@ class KTModule(L.LightningModule):
 
     Temperature: the ``temperature`` buffer ``T`` (1 by default, saved in checkpoints; fitted on the validation split
     by :class:`~lit_kt.calibration.TemperatureScaling` or :func:`~lit_kt.calibration.calibrate`) divides the logits
-    of the metrics, :meth:`predict_step` and :meth:`predict_next`; the losses use the raw logits. Checkpoints saved
-    before it existed load with ``T = 1``.
+    of the metrics, :meth:`predict_step` and :meth:`predict_next`; the losses use the raw logits. The ``logit_shift``
+    buffer ``b`` (0 by default; fitted on the training split when asked, see :mod:`lit_kt.calibration`) is added
+    before the division: probabilities are ``sigmoid((z + b) / T)``. Checkpoints saved before them load with
+    ``T = 1`` and ``b = 0``.
 
     Args:
         model: A KT model (see the module docstring), or its ``{"class_path", "init_args"}`` spec.
@@ -306,6 +309,7 @@ class KTModule(L.LightningModule):
             }
         )
         self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("logit_shift", torch.tensor(0.0))
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
@@ -333,7 +337,7 @@ class KTModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-position probabilities of a correct answer at ``temperature``, with the batch's mask and index."""
-        probs = torch.sigmoid(self._logits(batch).float() / self.temperature)  # (B, L)
+        probs = calibrated_probabilities(self._logits(batch), self.temperature, self.logit_shift)  # (B, L)
         return {"probabilities": probs, "mask": batch["mask"], "index": batch["index"]}
 
     def configure_optimizers(self):
@@ -374,15 +378,17 @@ class KTModule(L.LightningModule):
             responses,
             candidates,
             temperature=float(self.temperature),
+            logit_shift=float(self.logit_shift),
             questions=questions,
             candidate_questions=candidate_questions,
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checkpoints written before the temperature buffer existed load with T = 1 under strict loading.
+        # Checkpoints written before the calibration buffers existed load with T = 1, no shift, under strict loading.
         state = checkpoint.get("state_dict")
-        if isinstance(state, dict) and "temperature" not in state:
-            state["temperature"] = torch.tensor(1.0)
+        if isinstance(state, dict):
+            state.setdefault("temperature", torch.tensor(1.0))
+            state.setdefault("logit_shift", torch.tensor(0.0))
 
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, L) logits of a batch, with its questions, free of within-question leakage (:func:`leak_free_logits`)."""
@@ -398,7 +404,7 @@ class KTModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
         loss, logits = self._shared_step(batch)
         mask = batch["mask"]
-        probs = torch.sigmoid(logits.float() / self.temperature)  # (B, L)
+        probs = calibrated_probabilities(logits, self.temperature, self.logit_shift)  # (B, L)
         metrics.update(*fuse_questions(probs, batch["responses"], mask, batch.get("group_offset")))
         # Weight the epoch mean by scored positions, not by rows. A tensor count, not int(mask.sum()): Lightning only
         # adds it to its running sums, so on a GPU it stays there instead of making the host wait every step.

@@ -15,6 +15,7 @@ rounding (tested to 1e-5).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_kt.calibration import calibrated_probabilities
 from lit_kt.models.sakt import SAKT
 
 
@@ -40,6 +42,8 @@ class SAKTStream:
         responses: Its 0/1 responses.
         temperature: The logits are divided by it (see :mod:`lit_kt.calibration`); ``None`` takes the
             ``temperature`` of ``model`` (a KTModule's fitted one), or 1 for a bare SAKT.
+        logit_shift: Added to the logits before the temperature; ``None`` takes the ``logit_shift`` of ``model`` (a
+            KTModule's), or 0 for a bare SAKT.
 
     Example:
         >>> stream = SAKTStream(SAKT(num_exercises=10, max_len=8))
@@ -54,12 +58,18 @@ class SAKTStream:
         exercises: Sequence[int] = (),
         responses: Sequence[int] = (),
         temperature: float | None = None,
+        logit_shift: float | None = None,
     ) -> None:
         if temperature is None:
             temperature = float(getattr(model, "temperature", 1.0))
         if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
             raise ValueError(f"Expected `temperature` to be a positive number but got {temperature!r}.")
+        if logit_shift is None:
+            logit_shift = float(getattr(model, "logit_shift", 0.0))
+        if not (isinstance(logit_shift, (int, float)) and math.isfinite(logit_shift)):
+            raise ValueError(f"Expected `logit_shift` to be a finite number but got {logit_shift!r}.")
         self.temperature = temperature
+        self.logit_shift = logit_shift
         if not isinstance(model, SAKT) and isinstance(getattr(model, "model", None), SAKT):
             model = model.model  # a KTModule wrapping a SAKT
         if not isinstance(model, SAKT):
@@ -158,7 +168,7 @@ class SAKTStream:
             # The candidates sit at position n: causality lets each see every key 0..n, so no mask is needed.
             attn, _ = block.attend(block.project_q(x), k, v, causal=False)  # (C, H, D/H)
             x = block.finish(x, attn)  # (C, D)
-        return torch.sigmoid(m.head(x).squeeze(-1).float() / self.temperature).cpu()  # (C,)
+        return calibrated_probabilities(m.head(x).squeeze(-1), self.temperature, self.logit_shift).cpu()  # (C,)
 
     def step(self, exercise: int, response: int, candidates: int | Sequence[int]) -> Tensor:
         """``append(exercise, response)`` then ``predict(candidates)``."""

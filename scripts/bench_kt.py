@@ -13,9 +13,12 @@ Prints and writes (``--json``) ``{"model", "dataset", "auc", "acc", "epochs", "t
 training steps (validation excluded); ``seconds`` is the whole run's wall time. ``--max-minutes`` (AKT's default:
 25) bounds the training time on any data set: Lightning's ``max_time`` stops the fit and the best epoch so far is
 tested (``stopped_by_time`` in the output); on ASSIST2009 it does not bind. Calibration on the test split
-(lit_kt.calibration): ``ece_uncalibrated`` (15 equal-width bins, L1), then ``ece`` and ``brier`` after temperature
-scaling with the ``temperature`` fitted on the validation split (``brier_uncalibrated`` before it; ``auc``, ``acc``
-and ``test_rmse`` are those of the uncalibrated model, and temperature scaling changes neither AUC nor accuracy).
+(lit_kt.calibration): ``ece_uncalibrated`` (15 equal-width bins, L1), then ``ece`` and ``brier`` after calibration:
+the ``logit_shift`` fitted on the training split (in eval mode; ``--no-shift-on-train``: none) and the
+``temperature`` fitted on the validation split, probabilities ``sigmoid((z + logit_shift) / temperature)``;
+``ece_temperature_only`` with the temperature alone (``temperature_only``, fitted without a shift).
+``brier_uncalibrated`` is before calibration; ``auc``, ``acc`` and ``test_rmse`` are those of the uncalibrated
+model (calibration changes no ranking, hence not the AUC).
 
 Loop efficiency: ``model_step_interactions_per_s`` is the throughput of the model step alone (forward, masked BCE,
 backward, optimizer step; no Lightning, no data loading, batches already on the device) on ``--step-batches``
@@ -204,6 +207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training time budget: stop within this many minutes and test the best epoch so far "
         "(AKT default 25; none for SAKT and DKT)",
     )
+    p.add_argument(
+        "--shift-on-train",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibration: fit the logit shift on the training split before the temperature (lit_kt.calibration)",
+    )
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement before stopping")
     p.add_argument("--val-fraction", type=float, default=0.1, help="training students held out for model selection")
     p.add_argument("--eval-stride", type=int, default=None, help="stride of test windows (default: no overlap)")
@@ -284,9 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
         val_auc = float(best.best_model_score)
         best_epoch = int(torch.load(best.best_model_path, map_location="cpu", weights_only=True)["epoch"])
         test = trainer.test(module, data, ckpt_path=best.best_model_path, verbose=False, weights_only=True)[0]
-        # The module now holds the tested weights: fit T on the validation split, then test again with it.
-        temperature = calibrate(module, data.val_dataloader())
-        calibrated = trainer.test(module, data, verbose=False)[0]
+        # The module now holds the tested weights: fit T on the validation split, then test again with it; then
+        # the shift on the training split and T on the shifted validation logits (--shift-on-train), tested again.
+        temperature_only = calibrate(module, data.val_dataloader())
+        calibrated = only = trainer.test(module, data, verbose=False)[0]
+        temperature = temperature_only
+        if a.shift_on_train:
+            temperature = calibrate(module, data.val_dataloader(), data.train_dataloader())
+            calibrated = trainer.test(module, data, verbose=False)[0]
+        shift = float(module.logit_shift)
         if a.save_logits is not None:
             val_z, val_y = collect_logits(module, data.val_dataloader())
             test_z, test_y = collect_logits(module, data.test_dataloader())
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
                     train_logits=train_z,
                     train_labels=train_y,
                     temperature=temperature,
+                    logit_shift=shift,
                 ),
                 a.save_logits,
             )
@@ -321,10 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
         "val_auc": round(val_auc, 4),
         "test_rmse": round(test["test/rmse"], 4),
         "ece": round(calibrated["test/ece"], 4),
+        "ece_temperature_only": round(only["test/ece"], 4),
         "ece_uncalibrated": round(test["test/ece"], 4),
         "brier": round(calibrated["test/brier"], 4),
         "brier_uncalibrated": round(test["test/brier"], 4),
         "temperature": round(temperature, 4),
+        "logit_shift": round(shift, 4),
+        "temperature_only": round(temperature_only, 4),
         "settings": {
             k: getattr(a, k)
             for k in (
@@ -333,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "cosine",
                 "patience",
                 "val_fraction",
+                "shift_on_train",
                 "eval_stride",
                 "group_by_length",
                 "seed",

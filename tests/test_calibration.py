@@ -27,7 +27,13 @@ from lit_kt import (
     fit_temperature,
     predict_next,
 )
-from lit_kt.calibration import calibrate, calibration_bins, collect_logits
+from lit_kt.calibration import (
+    calibrate,
+    calibrated_probabilities,
+    calibration_bins,
+    collect_logits,
+    fit_logit_shift,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,6 +226,82 @@ def test_predict_paths_and_stream_divide_the_logits_by_the_temperature():
         predict_next(module.model, ex, resp, cand, temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SAKTStream(module.model, temperature=-1.0)
+
+
+def test_fit_logit_shift_matches_the_base_rate_and_refuses_one_class():
+    rng = np.random.default_rng(0)
+    z = rng.normal(1.0, 2.0, size=5000)
+    y = (rng.random(5000) < 0.4).astype(float)
+    b = fit_logit_shift(z, y)
+    assert float(torch.sigmoid(torch.tensor(z + b)).mean()) == pytest.approx(0.4 * 0 + y.mean(), abs=1e-8)
+    # A brute-force reference: the root of mean(sigmoid(z + b)) - rate on a fine grid.
+    grid = np.linspace(-5, 5, 100001)
+    means = np.array([(1 / (1 + np.exp(-(z + g)))).mean() for g in grid[::100]])
+    coarse = grid[::100][np.argmin(np.abs(means - y.mean()))]
+    assert abs(b - coarse) < 0.011
+    assert fit_logit_shift([0.0, 0.0], [1, 0]) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="every label is 1"):
+        fit_logit_shift([0.3, -2.0], [1, 1])
+    with pytest.raises(ValueError, match="finite"):
+        fit_logit_shift([float("nan")], [1])
+    torch.testing.assert_close(
+        calibrated_probabilities(torch.tensor([1.0, -1.0]), 2.0, 0.5), torch.sigmoid(torch.tensor([0.75, -0.25]))
+    )
+
+
+def test_shift_on_train_removes_a_shift_that_the_temperature_cannot_and_keeps_auc(tmp_path):
+    """A model whose every logit is raised by 1.5 (as dropout shifts eval-mode logits, in a larger way): the
+    temperature alone cannot undo a shift; the shift fitted on the training split does, and the AUC is unchanged."""
+    dm = KTDataModule(synthetic_students=300, max_len=50, batch_size=32)
+    module = tiny_module(max_len=50)
+    t = trainer(max_epochs=3)
+    t.fit(module, dm)
+    with torch.no_grad():
+        module.model.head.bias.add_(1.5)
+    before = t.test(module, dm, verbose=False)[0]
+    calibrate(module, dm.val_dataloader())
+    assert float(module.logit_shift) == 0.0
+    temperature_only = t.test(module, dm, verbose=False)[0]
+    t_shift = calibrate(module, dm.val_dataloader(), dm.train_dataloader())
+    train_z, train_y = collect_logits(module, dm.train_dataloader())
+    b = float(module.logit_shift)
+    assert b == pytest.approx(fit_logit_shift(train_z, train_y), abs=1e-6) and -2.0 < b < -1.0
+    val_z, val_y = collect_logits(module, dm.val_dataloader())
+    assert t_shift == pytest.approx(fit_temperature(val_z + b, val_y), rel=1e-6)
+    shifted = t.test(module, dm, verbose=False)[0]
+    assert shifted["test/auc"] == pytest.approx(before["test/auc"], abs=1e-6)
+    assert shifted["test/ece"] < temperature_only["test/ece"] / 2 and shifted["test/ece"] < before["test/ece"] / 2
+    # The shift reaches every prediction path: predict_next, the stream, predict_step.
+    ex, resp, cand = [3, 4, 3, 9], [0, 1, 1, 0], [3, 7, 11]
+    raw = predict_next(module.model, ex, resp, cand)
+    expected = torch.sigmoid((torch.logit(raw.double()) + b) / t_shift).float()
+    torch.testing.assert_close(module.predict_next(ex, resp, cand), expected)
+    stream = SAKTStream(module, ex, resp)
+    assert stream.logit_shift == pytest.approx(b)
+    torch.testing.assert_close(stream.predict(cand), expected, atol=1e-5, rtol=1e-4)
+    # Saved in checkpoints; checkpoints without the buffer load with no shift.
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    assert float(KTModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True).logit_shift) == pytest.approx(b)
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    del ckpt["state_dict"]["logit_shift"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert float(KTModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).logit_shift) == 0.0
+
+
+def test_temperature_scaling_callback_with_shift_on_train(tmp_path):
+    dm = KTDataModule(synthetic_students=120, max_len=20, batch_size=32)
+    module = tiny_module()
+    t = trainer(max_epochs=1, callbacks=[TemperatureScaling(shift_on_train=True)], default_root_dir=tmp_path)
+    t.fit(module, dm)
+    b = fit_logit_shift(*collect_logits(module, dm.train_dataloader()))
+    val_z, val_y = collect_logits(module, dm.val_dataloader())
+    assert float(module.logit_shift) == pytest.approx(b, abs=1e-6) and b != 0.0
+    assert float(module.temperature) == pytest.approx(fit_temperature(val_z + b, val_y), rel=1e-6)
+    assert float(t.callback_metrics["val/logit_shift"]) == pytest.approx(b, abs=1e-6)
+    only_t = torch.nn.Module()  # a temperature buffer but no shift buffer: asked to fit a shift, it says so
+    only_t.register_buffer("temperature", torch.tensor(1.0))
+    with pytest.raises(AttributeError, match="logit_shift"):
+        calibrate(only_t, dm.val_dataloader(), dm.train_dataloader())
 
 
 def test_reliability_diagram_returns_a_figure_with_the_ece():

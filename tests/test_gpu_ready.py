@@ -185,7 +185,7 @@ def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tm
     # --save-logits: the tested model's raw logits; the test split's reproduce the reported AUC and ECE.
     from torchmetrics.functional.classification import binary_auroc
 
-    from lit_kt.calibration import expected_calibration_error
+    from lit_kt.calibration import calibrated_probabilities, expected_calibration_error, fit_logit_shift
 
     logits = torch.load(saved, weights_only=True)
     z, y, t = logits["test_logits"], logits["test_labels"], logits["temperature"]
@@ -193,7 +193,10 @@ def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tm
     assert logits["val_logits"].numel() > 0 and logits["train_logits"].numel() > 0
     assert t == pytest.approx(free["temperature"], abs=1e-4)
     assert float(binary_auroc(z, y.long())) == pytest.approx(free["auc"], abs=1e-4)
-    assert expected_calibration_error(torch.sigmoid(z / t), y) == pytest.approx(free["ece"], abs=1e-4)
+    b = logits["logit_shift"]  # fitted on the training split's eval-mode logits, saved beside them
+    assert b == pytest.approx(fit_logit_shift(logits["train_logits"], logits["train_labels"]), abs=1e-6)
+    assert b == pytest.approx(free["logit_shift"], abs=1e-4) and free["settings"]["shift_on_train"] is True
+    assert expected_calibration_error(calibrated_probabilities(z, t, b), y) == pytest.approx(free["ece"], abs=1e-4)
     # A budget of 1 ms: the fit stops after its first batch, before any epoch ends.
     bounded = bench_kt.main([*common, "--epochs", "50", "--max-minutes", "0.00002"])
     assert bounded["stopped_by_time"] and bounded["epochs"] < 50
