@@ -1,6 +1,12 @@
 """Knowledge tracing with PyTorch Lightning: SAKT and DKT models, data, a Lightning system and inference."""
 
-from lit_kt.calibration import TemperatureScaling, brier_score, expected_calibration_error, fit_temperature
+from lit_kt.calibration import (
+    TemperatureScaling,
+    brier_score,
+    expected_calibration_error,
+    fit_logit_shift,
+    fit_temperature,
+)
 from lit_kt.data import KTDataModule, KTDataset, collate_kt, group_window_spans, window_spans
 from lit_kt.distillation import kt_adaptor
 from lit_kt.factories import model_from_checkpoint
@@ -33,6 +39,7 @@ __all__ = [
     "brier_score",
     "collate_kt",
     "expected_calibration_error",
+    "fit_logit_shift",
     "fit_temperature",
     "fuse_questions",
     "generate_students",

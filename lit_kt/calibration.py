@@ -19,8 +19,8 @@ Since ``z -> z / T`` is increasing, rankings, hence AUC, and the 0.5 threshold, 
 metrics, ``predict_step`` and ``predict_next``; :class:`TemperatureScaling` fits it after ``fit``, and
 :func:`calibrate` fits it for any module and loader.
 
-**The training split's base rate** (optional, before the temperature: ``calibrate(..., train_dataloader=...)``,
-``TemperatureScaling(shift_on_train=True)``): a model trained with dropout fits its output bias to the *noisy*
+**The training split's base rate** (before the temperature: ``calibrate(..., train_dataloader=...)``,
+:class:`TemperatureScaling`, by default): a model trained with dropout fits its output bias to the *noisy*
 training-mode logits; in eval mode its predictions shift, upwards when most answers are correct (SAKT on ASSIST2009,
 dropout 0.2: the mean eval-mode probability on its own training students is 0.681 against their 0.659 rate of
 correct answers; dropout 0.1: 0.663). A temperature cannot remove a shift, and the validation split is too small to
@@ -406,8 +406,8 @@ class TemperatureScaling(L.Callback):
             (``ckpt_path``).
         min_temperature: Smallest temperature considered.
         max_temperature: Largest temperature considered.
-        shift_on_train: Also fit the logit shift on the training split (needs a training loader: the datamodule's,
-            or the fit's).
+        shift_on_train: Also fit the logit shift on the training split first (needs a training loader: the
+            datamodule's, or the fit's); ``False``: the temperature alone, no shift.
     """
 
     def __init__(
@@ -415,7 +415,7 @@ class TemperatureScaling(L.Callback):
         refit_after_restore: bool = True,
         min_temperature: float = 1e-2,
         max_temperature: float = 1e2,
-        shift_on_train: bool = False,
+        shift_on_train: bool = True,
     ) -> None:
         if not 0 < min_temperature <= max_temperature:
             raise ValueError(

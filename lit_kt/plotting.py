@@ -132,7 +132,7 @@ def reliability_diagram(
 
     series = [("uncalibrated" if calibrated_probs is not None else "model", probs, "tab:blue")]
     if calibrated_probs is not None:
-        series.append(("temperature-scaled", calibrated_probs, "tab:orange"))
+        series.append(("calibrated", calibrated_probs, "tab:orange"))
     below = ax is None
     if below:
         fig = Figure(figsize=(5.5, 6.5))

@@ -4,9 +4,10 @@
     python scripts/plot_reliability.py --ckpt best.ckpt --data-dir ../shared/data/kt/assist2009 --max-len 100
 
 The students come from ``DIR/train.csv`` and ``DIR/test.csv`` (``--data-dir``) or, by default, from the built-in
-simulated students. The temperature is fitted on the validation split (``--val-fraction`` of the training
-students; the checkpoint's own temperature is ignored) and both curves are drawn on the test split, with their
-expected calibration errors (15 equal-width bins by default) in the title.
+simulated students. The calibration is fitted again (the checkpoint's own is ignored): the logit shift on the
+training split (``--no-shift-on-train``: none) and the temperature on the validation split (``--val-fraction`` of the
+training students), as in ``lit_kt.calibration``; both curves are drawn on the test split, with their expected
+calibration errors (15 equal-width bins by default) in the title.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lit_kt import KTDataModule, KTModule
-from lit_kt.calibration import collect_logits, fit_temperature
+from lit_kt.calibration import calibrated_probabilities, collect_logits, fit_logit_shift, fit_temperature
 from lit_kt.plotting import reliability_diagram
 
 
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--data-dir", default=None, help="folder with train.csv and test.csv; default: simulated students")
     p.add_argument("--max-len", type=int, default=None, help="window length (default: the model's max_len, or 200)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="training students held out to fit T on")
+    p.add_argument(
+        "--shift-on-train",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the logit shift on the training split before the temperature",
+    )
     p.add_argument("--n-bins", type=int, default=15, help="equal-width probability bins")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("reliability.png"))
@@ -41,16 +48,17 @@ def main(argv: list[str] | None = None) -> Path:
     val_logits, val_labels = collect_logits(module, data.val_dataloader())
     if not val_logits.numel():
         p.error("the validation split is empty: raise --val-fraction")
-    temperature = fit_temperature(val_logits, val_labels)
+    shift = fit_logit_shift(*collect_logits(module, data.train_dataloader())) if a.shift_on_train else 0.0
+    temperature = fit_temperature(val_logits + shift, val_labels)
     logits, labels = collect_logits(module, data.test_dataloader())
     fig = reliability_diagram(
-        torch.sigmoid(logits), labels, a.n_bins, calibrated_probs=torch.sigmoid(logits / temperature)
+        torch.sigmoid(logits), labels, a.n_bins, calibrated_probs=calibrated_probabilities(logits, temperature, shift)
     )
-    fig.axes[0].set_title(f"{fig.axes[0].get_title()} (T = {temperature:.3f})", fontsize=10)
+    fig.axes[0].set_title(f"{fig.axes[0].get_title()} (T = {temperature:.3f}, shift {shift:+.3f})", fontsize=10)
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(a.out, dpi=120)
-    print(f"wrote {a.out} (T = {temperature:.4f})")
+    print(f"wrote {a.out} (T = {temperature:.4f}, logit shift {shift:+.4f})")
     return a.out
 
 

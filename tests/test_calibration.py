@@ -171,7 +171,7 @@ def test_temperature_scaling_keeps_auc_and_lowers_ece_of_an_over_confident_model
 def test_temperature_scaling_callback_fits_on_validation_and_refits_for_a_restored_checkpoint(tmp_path):
     dm = KTDataModule(synthetic_students=120, max_len=20, batch_size=32)
     module = tiny_module()
-    callback = TemperatureScaling()
+    callback = TemperatureScaling(shift_on_train=False)
     t = trainer(max_epochs=1, callbacks=[callback], default_root_dir=tmp_path)
     t.fit(module, dm)
     logits, labels = collect_logits(module, dm.val_dataloader())
@@ -291,13 +291,23 @@ def test_shift_on_train_removes_a_shift_that_the_temperature_cannot_and_keeps_au
 def test_temperature_scaling_callback_with_shift_on_train(tmp_path):
     dm = KTDataModule(synthetic_students=120, max_len=20, batch_size=32)
     module = tiny_module()
-    t = trainer(max_epochs=1, callbacks=[TemperatureScaling(shift_on_train=True)], default_root_dir=tmp_path)
+    t = trainer(max_epochs=1, callbacks=[TemperatureScaling()], default_root_dir=tmp_path)  # shift_on_train default
     t.fit(module, dm)
     b = fit_logit_shift(*collect_logits(module, dm.train_dataloader()))
     val_z, val_y = collect_logits(module, dm.val_dataloader())
+    expected = fit_temperature(val_z + b, val_y)
     assert float(module.logit_shift) == pytest.approx(b, abs=1e-6) and b != 0.0
-    assert float(module.temperature) == pytest.approx(fit_temperature(val_z + b, val_y), rel=1e-6)
+    assert float(module.temperature) == pytest.approx(expected, rel=1e-6)
     assert float(t.callback_metrics["val/logit_shift"]) == pytest.approx(b, abs=1e-6)
+    # A checkpoint without calibration (as written during fit): testing it fits both again for its weights.
+    module.temperature.fill_(1.0)
+    module.logit_shift.fill_(0.0)
+    t.save_checkpoint(tmp_path / "raw.ckpt")
+    module.temperature.fill_(7.0)
+    module.logit_shift.fill_(3.0)
+    t.test(module, dm, ckpt_path=tmp_path / "raw.ckpt", verbose=False, weights_only=True)
+    assert float(module.logit_shift) == pytest.approx(b, abs=1e-6)
+    assert float(module.temperature) == pytest.approx(expected, rel=1e-6)
     only_t = torch.nn.Module()  # a temperature buffer but no shift buffer: asked to fit a shift, it says so
     only_t.register_buffer("temperature", torch.tensor(1.0))
     with pytest.raises(AttributeError, match="logit_shift"):
