@@ -362,26 +362,33 @@ def calibrate(
         raise AttributeError(
             f"Expected a module with a `temperature` buffer (a lit_kt.KTModule) but got {type(module).__name__}."
         )
-    has_shift = isinstance(getattr(module, "logit_shift", None), Tensor)
-    if train_dataloader is not None and not has_shift:
-        raise AttributeError(
-            f"Expected a module with a `logit_shift` buffer (a lit_kt.KTModule) to fit a shift on "
-            f"`train_dataloader` but got {type(module).__name__}."
-        )
-    shift = 0.0
-    if train_dataloader is not None:
-        train_logits, train_labels = collect_logits(module, train_dataloader)
-        if train_logits.numel() == 0:
-            raise ValueError("Expected `train_dataloader` to yield scored positions to fit the shift on but got none.")
-        shift = fit_logit_shift(train_logits, train_labels)
+    shift = _fit_shift(module, train_dataloader)
     logits, labels = collect_logits(module, dataloader)
     if logits.numel() == 0:
         raise ValueError("Expected the loader to yield scored positions to fit the temperature on but got none.")
     t = fit_temperature(logits + shift, labels, **kwargs)
     module.temperature.fill_(t)
-    if has_shift:
+    if isinstance(getattr(module, "logit_shift", None), Tensor):
         module.logit_shift.fill_(shift)
     return t
+
+
+def _fit_shift(module: torch.nn.Module, train_dataloader: Iterable[dict[str, Tensor]] | None) -> float:
+    """0 without a loader; else :func:`fit_logit_shift` on the loader's eval-mode logits (the module must hold a
+    ``logit_shift`` buffer to keep it)."""
+    if train_dataloader is None:
+        return 0.0
+    if not isinstance(getattr(module, "logit_shift", None), Tensor):
+        raise AttributeError(
+            "Expected a module with a `logit_shift` buffer (a lit_kt.KTModule) to fit a shift on the training split"
+            f" but got {type(module).__name__}."
+        )
+    logits, labels = collect_logits(module, train_dataloader)
+    if logits.numel() == 0:
+        raise ValueError(
+            "Expected the training loader to yield scored positions to fit the logit shift on but got none."
+        )
+    return fit_logit_shift(logits, labels)
 
 
 class TemperatureScaling(L.Callback):
@@ -460,17 +467,7 @@ class TemperatureScaling(L.Callback):
             raise ValueError(
                 "Expected a training loader to fit the logit shift on (`shift_on_train=True`) but the run has none."
             )
-        has_shift = isinstance(getattr(pl_module, "logit_shift", None), Tensor)
-        if train is not None and not has_shift:
-            raise AttributeError(
-                f"Expected a module with a `logit_shift` buffer (a lit_kt.KTModule) but got {type(pl_module).__name__}."
-            )
-        shift = 0.0
-        if train is not None:
-            z_train, y_train = collect_logits(pl_module, train)
-            if z_train.numel() == 0:
-                raise ValueError("Expected scored positions in the training split to fit the shift but got none.")
-            shift = fit_logit_shift(z_train, y_train)
+        shift = _fit_shift(pl_module, train)
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         parts = [collect_logits(pl_module, loader) for loader in loaders]
         logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -479,7 +476,7 @@ class TemperatureScaling(L.Callback):
         t = fit_temperature(logits + shift, labels, self.min_temperature, self.max_temperature)
         pl_module.temperature.fill_(t)
         metrics = {"val/temperature": t}
-        if has_shift:
+        if isinstance(getattr(pl_module, "logit_shift", None), Tensor):
             pl_module.logit_shift.fill_(shift)
             metrics["val/logit_shift"] = shift
         for key, value in metrics.items():
