@@ -367,6 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr", type=float, default=None, help="student learning rate (default 1e-4 2layer, 5e-4 small, 2e-3 bigru)"
     )
     p.add_argument("--teacher-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--student-dropout",
+        type=float,
+        default=None,
+        help="set every dropout probability of the student (both runs) to this; default: as built (BERT: 0.1)",
+    )
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up, then linear decay to 0")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--hard-label-weight", type=float, default=1.0)
@@ -434,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.transfer_unused_train = a.transfer_unused_train and a.train_limit is not None
     if not 0 <= a.staged < 1:
         p.error(f"Expected --staged to be in [0, 1) but got {a.staged}")
+    if a.student_dropout is not None and not 0 <= a.student_dropout < 1:
+        p.error(f"Expected `--student-dropout` to be in [0, 1) but got {a.student_dropout}.")
     a.teacher = a.teacher or minilm_path()
     a.lr = a.lr if a.lr is not None else STUDENT_LR[a.student]
     for name in ("steps", "teacher_steps", "batch_size", "max_length", "log_every", "seeds", "transfer_per_sample"):
@@ -514,6 +522,10 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
         init = build_student(
             a.student, teacher, data.vocab_size, data.pad_token_id, num_labels, layers=a.student_layers
         )
+        if a.student_dropout is not None:  # every dropout of the student, in both runs
+            for m in init.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = a.student_dropout
         for name in ("no_kd", "kd"):
             student = copy.deepcopy(init)  # both runs start from the same weights
             optimizer, schedule = optimizer_and_schedule(a.lr, a.steps, a.warmup_fraction)
@@ -582,6 +594,7 @@ def run(a: argparse.Namespace, data: TextClassificationDataModule) -> dict:
                 "hidden_layers": a.hidden_layers if a.student != "bigru" else None,
                 "attention_weight": a.attention_weight if a.student == "2layer" else None,
                 "student_layers": list(a.student_layers) if a.student == "2layer" else None,
+                "student_dropout": a.student_dropout,
                 "kd_weight": a.kd_weight,
                 "staged": a.staged or None,
                 "transfer_augment": a.transfer_augment,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.ddp_helpers import KD_TRAIN_SIZE, tiny_bert, write_text_data
 
@@ -99,6 +100,25 @@ def test_hidden_layers_uniform_is_tinybert_mapping(bench):
         assert {m.loss for m in cfg.intermediate_matches} == {"hidden_mse"}
         # The small student (256 wide) needs a projection per match into the teacher's width.
         assert all((m.projection is None) == (student == "2layer") for m in cfg.intermediate_matches)
+
+
+def test_student_dropout_sets_every_dropout_of_both_runs(bench, setup, tmp_path, monkeypatch):
+    data, teacher = setup
+    seen = {}
+    real = bench.fit
+
+    def spy(name, module, *args, **kwargs):
+        model = getattr(module, "student", None) or module.model
+        seen[name] = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
+        return real(name, module, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "fit", spy)
+    out = bench.main(args(data, teacher, tmp_path, "--student", "2layer", "--seeds", "1", "--student-dropout", "0"))
+    assert out["settings"]["kd"]["student_dropout"] == 0.0
+    # The teacher's fine-tuning keeps BERT's 0.1; both student runs drop nothing.
+    assert seen == {"teacher": [0.1], "seed 42 student no_kd": [0.0], "seed 42 student kd": [0.0]}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-dir", "d", "--student-dropout", "1"])
 
 
 def test_labelled_budget_and_the_rest_as_unlabelled_transfer_text(bench, setup, tmp_path, capsys):
