@@ -24,7 +24,8 @@ Steps:
    embeddings start as the teacher's word embeddings) and trained twice for ``--steps`` optimizer steps from the same
    initialisation on the same labelled batches (a seeded sampler; checked by a hash of the labelled sample indices):
    without distillation (cross-entropy on the labels, ``ClassifierModule``) and with it (``DistillationModule``: soft
-   cross-entropy at ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` times the label cross-entropy,
+   cross-entropy at ``--temperature`` scaled by ``T**2``, plus ``--hard-label-weight`` (0 for ``2layer``, 1 otherwise)
+   times the label cross-entropy,
    plus for the BERT students ``--hidden-weight`` times the MSE between the student's last hidden state and the
    teacher's, with a linear projection for ``small``). With a transfer set (the unused training rows, see above;
    ``--transfer-augment K``: K noisy copies of every labelled sentence; ``--transfer-file F``: unlabelled sentences)
@@ -71,6 +72,9 @@ from lit_kd.students import BiGRUClassifier, build_bert_student, load_teacher, m
 
 TEACHER_META = "bench_kd_teacher.json"  # written last: a folder without it holds no complete teacher
 STUDENT_LR = {"2layer": 1e-4, "small": 5e-4, "bigru": 2e-3}
+# The 2-layer student distils best from the teacher alone (no label term): +0.38 points on SST-2 dev and +0.17 on
+# the carved split over seeds 42-44 against weight 1 (docs/benchmarks.md, issue 11); the others were not rerun.
+HARD_LABEL_WEIGHT = {"2layer": 0.0, "small": 1.0, "bigru": 1.0}
 TWO_LAYERS = (0, 5)  # the teacher blocks the 2-layer student starts from
 SMALL = {"layers": [0, 2, 3, 5], "hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4}
 
@@ -375,7 +379,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up, then linear decay to 0")
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--hard-label-weight", type=float, default=1.0)
+    p.add_argument(
+        "--hard-label-weight",
+        type=float,
+        default=None,
+        help="weight of the label cross-entropy in the distilled run (default 0 for 2layer, 1 for small and bigru)",
+    )
     p.add_argument("--hidden-weight", type=float, default=1.0, help="last-hidden-state MSE weight (BERT students)")
     p.add_argument(
         "--hidden-layers",
@@ -444,6 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"Expected `--student-dropout` to be in [0, 1) but got {a.student_dropout}.")
     a.teacher = a.teacher or minilm_path()
     a.lr = a.lr if a.lr is not None else STUDENT_LR[a.student]
+    if a.hard_label_weight is None:
+        a.hard_label_weight = HARD_LABEL_WEIGHT[a.student]
     for name in ("steps", "teacher_steps", "batch_size", "max_length", "log_every", "seeds", "transfer_per_sample"):
         if getattr(a, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be >= 1 but got {getattr(a, name)}.")

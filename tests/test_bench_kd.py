@@ -78,7 +78,20 @@ def test_small_student_with_a_transfer_set_and_a_carved_split(bench, setup, tmp_
 
 def test_staged_distillation_weights(bench):
     """``--staged 0.4``: the matches alone before 40% of the steps, then the soft and hard labels alone."""
-    a = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "0.4", "--attention-weight", "2"])
+    a = bench.parse_args(
+        [
+            "--data-dir",
+            "d",
+            "--student",
+            "2layer",
+            "--staged",
+            "0.4",
+            "--attention-weight",
+            "2",
+            "--hard-label-weight",
+            "1",
+        ]
+    )
     cfg = bench.kd_config(a, tiny_bert(layers=6, width=32, seed=0))
     assert [(m.feature, m.weight) for m in cfg.intermediate_matches] == [("hidden", 1.0), ("attention", 2.0)]
     for progress, matches, predictions in ((0.0, 1.0, 0.0), (0.39, 1.0, 0.0), (0.41, 0.0, 1.0), (1.0, 0.0, 1.0)):
@@ -86,6 +99,16 @@ def test_staged_distillation_weights(bench):
         assert cfg.kd_loss_weight_at(progress) == predictions and cfg.hard_label_weight_at(progress) == predictions
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-dir", "d", "--student", "2layer", "--staged", "1"])
+
+
+def test_hard_label_weight_defaults_per_student(bench):
+    """The 2-layer student distils without the label term by default (chosen on both splits); the others keep it."""
+    teacher = tiny_bert(layers=6, width=32, seed=0)
+    for student, weight in (("2layer", 0.0), ("small", 1.0), ("bigru", 1.0)):
+        a = bench.parse_args(["--data-dir", "d", "--student", student])
+        assert a.hard_label_weight == weight and bench.kd_config(a, teacher).hard_label_weight == weight
+    a = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--hard-label-weight", "0.5"])
+    assert bench.kd_config(a, teacher).hard_label_weight == 0.5
 
 
 def test_hidden_layers_uniform_is_tinybert_mapping(bench):
