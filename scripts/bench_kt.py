@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also write the tested checkpoint's raw validation and test logits and responses (scored positions) to "
         "this .pt file (keys val_logits, val_labels, test_logits, test_labels, train_logits and train_labels in eval "
-        "mode, temperature), for calibration studies",
+        "mode, temperature, logit_shift), for calibration studies",
     )
     a = p.parse_args(argv)
     for key, value in DEFAULTS[a.model].items():
