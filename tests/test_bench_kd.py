@@ -102,9 +102,9 @@ def test_staged_distillation_weights(bench):
 
 
 def test_hard_label_weight_defaults_per_student(bench):
-    """The 2-layer student distils without the label term by default (chosen on both splits); the others keep it."""
+    """The BERT students distil without the label term by default (chosen on both splits); the BiGRU keeps it."""
     teacher = tiny_bert(layers=6, width=32, seed=0)
-    for student, weight in (("2layer", 0.0), ("small", 1.0), ("bigru", 1.0)):
+    for student, weight in (("2layer", 0.0), ("small", 0.0), ("bigru", 1.0)):
         a = bench.parse_args(["--data-dir", "d", "--student", student])
         assert a.hard_label_weight == weight and bench.kd_config(a, teacher).hard_label_weight == weight
     a = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--hard-label-weight", "0.5"])
@@ -142,6 +142,31 @@ def test_student_dropout_sets_every_dropout_of_both_runs(bench, setup, tmp_path,
     assert seen == {"teacher": [0.1], "seed 42 student no_kd": [0.0], "seed 42 student kd": [0.0]}
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-dir", "d", "--student-dropout", "1"])
+
+
+@pytest.mark.parametrize("student", ["2layer", "bigru"])
+def test_freeze_embeddings_keeps_the_word_table_fixed_in_both_runs(bench, setup, tmp_path, monkeypatch, student):
+    data, teacher = setup
+    before, after = {}, {}
+    real = bench.fit
+
+    def spy(name, module, *args, **kwargs):
+        model = getattr(module, "student", None) or module.model
+        table = bench.word_embeddings(model).weight
+        before[name] = table.detach().clone(), [p.detach().clone() for p in model.parameters()]
+        timer = real(name, module, *args, **kwargs)
+        after[name] = table.detach().clone(), [p.detach().clone() for p in model.parameters()]
+        return timer
+
+    monkeypatch.setattr(bench, "fit", spy)
+    out = bench.main(args(data, teacher, tmp_path, "--student", student, "--seeds", "1", "--freeze-embeddings"))
+    assert out["settings"]["kd"]["freeze_embeddings"] is True
+    for name in ("seed 42 student no_kd", "seed 42 student kd"):
+        (table0, params0), (table1, params1) = before[name], after[name]
+        assert torch.equal(table0, table1)  # the word embeddings did not move ...
+        assert sum(not torch.equal(a, b) for a, b in zip(params0, params1)) > 0  # ... while the rest trained
+    # The teacher's fine-tuning is not affected: its table trains as before.
+    assert not torch.equal(before["teacher"][0], after["teacher"][0])
 
 
 def test_labelled_budget_and_the_rest_as_unlabelled_transfer_text(bench, setup, tmp_path, capsys):
