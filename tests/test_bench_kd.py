@@ -111,6 +111,16 @@ def test_hard_label_weight_defaults_per_student(bench):
     assert bench.kd_config(a, teacher).hard_label_weight == 0.5
 
 
+def test_transfer_rows_per_labelled_row_default_per_student(bench):
+    """The 2-layer student reads three transfer rows per labelled row by default (chosen on both splits)."""
+    for student, rows in (("2layer", 3), ("small", 1), ("bigru", 1)):
+        assert bench.parse_args(["--data-dir", "d", "--student", student]).transfer_per_sample == rows
+    chosen = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--transfer-per-sample", "2"])
+    assert chosen.transfer_per_sample == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-dir", "d", "--student", "2layer", "--transfer-per-sample", "0"])
+
+
 def test_hidden_layers_uniform_is_tinybert_mapping(bench):
     """``--hidden-layers uniform``: student layer m against teacher layer m * N // M, embeddings (m = 0) included."""
     teacher = tiny_bert(layers=6, width=32, seed=0)
