@@ -160,6 +160,10 @@ class BiGRUClassifier(nn.Module):
             output["loss"] = F.cross_entropy(logits, labels)
         return output
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The word-embedding table, under the name ``transformers`` models give it (e.g. to freeze or share it)."""
+        return self.embedding
+
     @torch.no_grad()
     def init_embeddings_from(self, teacher_embedding: nn.Embedding) -> None:
         """Copies a teacher's word embeddings (same tokenizer, same width) into this model's embedding table.

@@ -162,7 +162,7 @@ def test_freeze_embeddings_keeps_the_word_table_fixed_in_both_runs(bench, setup,
 
     def spy(name, module, *args, **kwargs):
         model = getattr(module, "student", None) or module.model
-        table = bench.word_embeddings(model).weight
+        table = model.get_input_embeddings().weight
         before[name] = table.detach().clone(), [p.detach().clone() for p in model.parameters()]
         timer = real(name, module, *args, **kwargs)
         after[name] = table.detach().clone(), [p.detach().clone() for p in model.parameters()]

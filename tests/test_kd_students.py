@@ -55,6 +55,7 @@ def test_bigru_embeddings_from_teacher():
     teacher = nn.Embedding(10, 8)
     model = BiGRUClassifier(vocab_size=10, embedding_dim=8)
     model.init_embeddings_from(teacher)
+    assert model.get_input_embeddings() is model.embedding  # the transformers name for the same table
     assert torch.equal(model.embedding.weight, teacher.weight)
     with pytest.raises(ValueError, match="teacher's embedding width to be 16 .* but got 8"):
         BiGRUClassifier(vocab_size=10, embedding_dim=16).init_embeddings_from(teacher)
