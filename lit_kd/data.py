@@ -46,6 +46,7 @@ from lit_kd.students import resolve_name_or_path
 __all__ = [
     "UNLABELLED",
     "TextClassificationDataModule",
+    "TrainingRowsDataset",
     "TransferMixDataset",
     "augment_sentence",
     "read_unlabelled_text",
@@ -347,10 +348,41 @@ class TransferMixDataset(Dataset):
         else:
             index = key
             rows = [self.order[(index * self.per_sample + k) % len(self.order)] for k in range(self.per_sample)]
-        items = [self.labelled[index]]
-        for j in rows:
-            items.append({**self.transfer[j], "label": UNLABELLED, "index": len(self.labelled) + j})
-        return items
+        return [self.labelled[index], *(self.transfer_item(j) for j in rows)]
+
+    def transfer_item(self, j: int) -> dict[str, Any]:
+        """Transfer row ``j`` as training batches carry it: label :data:`UNLABELLED`, index ``len(labelled) + j``."""
+        return {**self.transfer[j], "label": UNLABELLED, "index": len(self.labelled) + j}
+
+
+class TrainingRowsDataset(Dataset):
+    """Every row training batches can carry, once, under the ``index`` they carry it with: the labelled samples
+    (``0 .. n - 1``), then the transfer rows of a :class:`TransferMixDataset` (``n + j``). What
+    :meth:`lit_kd.cache.TeacherCache.build` reads to serve a transfer set from the cache.
+
+    Args:
+        train: The training dataset: a :class:`TokenizedTextDataset` (labelled samples only) or a
+            :class:`TransferMixDataset`.
+    """
+
+    def __init__(self, train: TokenizedTextDataset | TransferMixDataset) -> None:
+        self.mix = train if isinstance(train, TransferMixDataset) else None
+        self.labelled = train.labelled if isinstance(train, TransferMixDataset) else train
+
+    def __len__(self) -> int:
+        return len(self.labelled) + (len(self.mix.transfer) if self.mix is not None else 0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"Expected a row index in [0, {len(self)}) but got {index}.")
+        if index < len(self.labelled):
+            return self.labelled[index]
+        return self.mix.transfer_item(index - len(self.labelled))
+
+    def lengths(self) -> list[int]:
+        """Token count of every row (the teacher's ids), in index order."""
+        rows = _lengths(self.labelled)
+        return rows + (_lengths(self.mix.transfer) if self.mix is not None else [])
 
 
 def _lengths(dataset: TokenizedTextDataset) -> list[int]:
@@ -753,6 +785,30 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
+
+    def cache_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Every row training batches can carry, once, with the ``index`` they carry it with (the labelled training
+        samples, then the transfer rows: :class:`TrainingRowsDataset`), in batches of similar lengths: what
+        :meth:`lit_kd.cache.TeacherCache.build` reads, so that ``DistillationModule(teacher_cache=...)`` serves the
+        training batches, transfer rows included, without running the teacher.
+
+        Args:
+            batch_size: Rows per batch; ``None`` for ``eval_batch_size`` (else ``batch_size``).
+        """
+        h = self.hparams
+        size = batch_size or h.eval_batch_size or h.batch_size
+        if size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1 but got {size}.")
+        rows = TrainingRowsDataset(self.train_dataset())
+        lengths = rows.lengths()
+        order = sorted(range(len(rows)), key=lengths.__getitem__)  # similar lengths together: little padding
+        collate = functools.partial(
+            collate_text,
+            pad_token_id=self.load_tokenizer("teacher").pad_token_id,
+            student_pad_token_id=self.load_tokenizer("student").pad_token_id,
+        )
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        return DataLoader(rows, batch_sampler=batches, collate_fn=collate, num_workers=h.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -244,3 +244,39 @@ def test_a_dev_curve_does_not_change_the_training_run(bench):
     plain = train(validate=False, keep=True)
     assert torch.equal(train(validate=True, keep=True), plain)
     assert not torch.equal(train(validate=True, keep=False), plain)  # what the callback prevents
+
+
+def test_the_teacher_cache_gives_the_live_teachers_losses_and_is_reused(bench, setup, tmp_path, capsys):
+    data, teacher = setup
+    extra = ("--student", "2layer", "--seeds", "1", "--steps", "3", "--log-every", "1", "--train-limit", "8")
+    live = bench.main(args(data, teacher, tmp_path, *extra, "--no-teacher-cache"))
+    live_log = capsys.readouterr().out
+    cached = bench.main(args(data, teacher, tmp_path, *extra, "--teacher-cache"))
+    cached_log = capsys.readouterr().out
+    assert live["settings"]["kd"]["teacher_cache"] is None
+    meta = cached["settings"]["kd"]["teacher_cache"]
+    assert meta["reused"] is False and meta["rows"] == KD_TRAIN_SIZE  # 8 labelled + the rest as transfer rows
+    assert Path(meta["path"]).parent == tmp_path / "ft" and (Path(meta["path"]) / "hidden_6.npy").is_file()
+
+    def kd_losses(log: str) -> list[str]:
+        return [line.split(" loss ")[1].split()[0] for line in log.splitlines() if "student kd] step" in line]
+
+    assert len(kd_losses(live_log)) == 3 and kd_losses(cached_log) == kd_losses(live_log)  # 4 decimals
+    assert cached["student_acc_kd"] == live["student_acc_kd"]
+    again = bench.main(args(data, teacher, tmp_path, *extra, "--teacher-cache"))
+    assert again["settings"]["kd"]["teacher_cache"]["reused"] is True
+    assert again["student_acc_kd_seeds"] == cached["student_acc_kd_seeds"]
+
+
+def test_fused_optimizer_and_teacher_cache_defaults_per_student(bench):
+    """The 2-layer student trains with the fused AdamW and the teacher cache by default; the others do not."""
+    for student, on in (("2layer", True), ("small", False), ("bigru", False)):
+        a = bench.parse_args(["--data-dir", "d", "--student", student])
+        assert (a.fused_optimizer, a.teacher_cache) == (on, on)
+    optimizer, _ = bench.optimizer_and_schedule(1e-3, 10, 0.1, fused=True)
+    assert optimizer([torch.nn.Parameter(torch.zeros(2))]).defaults["fused"] is True
+    # The cache holds no attention maps: an attention match runs the teacher live, and asking for both is refused.
+    a = bench.parse_args(["--data-dir", "d", "--student", "2layer", "--attention-weight", "1"])
+    assert a.teacher_cache is False
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--data-dir", "d", "--student", "2layer", "--attention-weight", "1", "--teacher-cache"])

@@ -141,3 +141,57 @@ def test_unused_training_rows_become_unlabelled_transfer_rows(folder):
         TextClassificationDataModule(str(folder), tokenizer=str(folder / "tokenizer"), transfer_unused_train=True)
     with pytest.raises(ValueError, match="Expected rows beyond `train_limit=.*` in .*train.tsv"):
         module(folder, train_limit=KD_TRAIN_SIZE, transfer_unused_train=True).transfer_dataset()
+
+
+def test_cache_loader_holds_every_training_row_once_under_the_index_training_batches_give_it(folder):
+    limit = KD_TRAIN_SIZE // 2
+    dm = module(
+        folder, train_limit=limit, transfer_unused_train=True, transfer_file=str(folder / "unlabelled.txt"),
+        transfer_per_sample=2, eval_batch_size=3,
+    )  # fmt: skip
+    labelled, transfer = dm.dataset("train"), dm.transfer_dataset()
+    rows = {}
+    lengths = []
+    for batch in dm.cache_dataloader():
+        assert len(batch["index"]) <= 3
+        for row, i in enumerate(batch["index"].tolist()):
+            assert i not in rows  # once
+            n = int(batch["attention_mask"][row].sum())
+            rows[i] = (batch["input_ids"][row, :n].tolist(), int(batch["labels"][row]))
+            lengths.append(n)
+    assert sorted(rows) == list(range(limit + len(transfer)))  # labelled 0..n-1, then transfer n+j
+    for i in range(limit):
+        assert rows[i] == (labelled.encoding["input_ids"][i], labelled.labels[i])
+    for j in range(len(transfer)):
+        assert rows[limit + j] == (transfer.encoding["input_ids"][j], UNLABELLED)
+    assert lengths == sorted(lengths)  # similar lengths together
+    # The training batches carry the same rows under the same indices.
+    for batch in dm.train_dataloader():
+        for row, i in enumerate(batch["index"].tolist()):
+            n = int(batch["attention_mask"][row].sum())
+            assert (batch["input_ids"][row, :n].tolist(), int(batch["labels"][row])) == rows[i]
+    plain = module(folder, eval_batch_size=4)  # no transfer set: the labelled rows alone
+    assert sorted(i for b in plain.cache_dataloader() for i in b["index"].tolist()) == list(range(KD_TRAIN_SIZE))
+
+
+def test_a_cache_built_from_the_cache_loader_serves_transfer_batches_as_the_live_teacher(folder, tmp_path):
+    from lit_kd import IntermediateMatch
+    from lit_kd.cache import TeacherCache
+
+    dm = module(folder, train_limit=KD_TRAIN_SIZE // 2, transfer_unused_train=True, transfer_per_sample=2)
+    teacher, student = tiny_bert(layers=2, width=32, seed=0).eval(), tiny_bert(layers=1, width=32, seed=1).eval()
+    TeacherCache.build(teacher, dm.cache_dataloader(), tmp_path / "cache", progress=False, hidden_layers=[2])
+    config = DistillationConfig(
+        temperature=2.0, hard_label_weight=1.0, intermediate_matches=[IntermediateMatch(layer_t=2, layer_s=1)]
+    )
+    live, cached = Distiller(teacher, config), Distiller(teacher, config, teacher_cache=str(tmp_path / "cache"))
+    batches = list(dm.train_dataloader())
+    assert any((b["labels"] == UNLABELLED).any() for b in batches)
+    for batch in batches:
+        terms = []
+        for d in (live, cached):
+            s_view = d.student_view(batch, *d.call_student(student, batch))
+            terms.append(d.loss_terms(s_view, d.teacher_views(batch, s_view), 0.0))
+        assert terms[0].keys() == terms[1].keys()
+        for name in terms[0]:
+            torch.testing.assert_close(terms[1][name][0], terms[0][name][0], rtol=1e-5, atol=1e-6)
