@@ -32,6 +32,12 @@ Steps:
    ``2layer``, 1 otherwise) unlabelled rows per labelled row, read by the KD term only, from a stream that uses every
    transfer row once before any twice; the student alone never sees them. Both runs take the same number of
    optimizer steps on the same labelled rows.
+   With ``--teacher-cache`` (the 2-layer student's default) the teacher runs once, before the seeds, over every
+   labelled and transfer row (``TextClassificationDataModule.cache_dataloader``), and the distilled runs read its
+   logits and the matched hidden states from that :class:`~lit_kd.cache.TeacherCache` (kept in
+   ``--teacher-ckpt-dir``, keyed by the rows' token ids and the layers, reused by later runs) instead of running it
+   at every step; ``--fused-optimizer`` (also the 2-layer default) gives the students torch's fused AdamW. Both
+   change the figures only by rounding (tested: the same KD losses as the live teacher) and halve the 2-layer run.
 3. Every model is evaluated once, at the end, on ``dev.tsv`` (or, with ``--carve-dev N``, on the last N rows of
    ``train.tsv``, held out from every training run: a second split for checking settings chosen on SST-2).
 
@@ -39,7 +45,8 @@ Prints and writes (``--json``): ``teacher_acc``; ``student_acc_no_kd`` and ``stu
 ``student_acc_no_kd_seeds``/``student_acc_kd_seeds`` (per seed) and their standard deviations; ``kd_gain`` (mean of
 KD - no KD) and ``kd_gain_se`` (its standard error, from the per-seed paired differences); ``retention`` (KD student
 / teacher); step times (``*_step_s``: mean seconds per training step, the first ``--timing-warmup`` left out) and
-``seconds`` (the whole run, teacher fine-tuning included).
+``seconds`` (the whole run, teacher fine-tuning and cache building included); ``settings.kd.teacher_cache``: the
+cache's ``path``, ``rows``, ``bytes``, whether it was ``reused`` and the ``seconds`` it took (``null`` without one).
 
 ``--threads`` defaults to 1: on a small CPU shared with other jobs, two intra-op threads competing with another
 process's threads for two cores made training steps 5-10 times slower than one thread did (measured on the 2-core
