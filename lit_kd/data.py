@@ -367,7 +367,7 @@ class TrainingRowsDataset(Dataset):
 
     def __init__(self, train: TokenizedTextDataset | TransferMixDataset) -> None:
         self.mix = train if isinstance(train, TransferMixDataset) else None
-        self.labelled = train.labelled if isinstance(train, TransferMixDataset) else train
+        self.labelled = train if self.mix is None else self.mix.labelled
 
     def __len__(self) -> int:
         return len(self.labelled) + (len(self.mix.transfer) if self.mix is not None else 0)
@@ -764,13 +764,17 @@ class TextClassificationDataModule(L.LightningDataModule):
         if "train" in splits and self.has_transfer_set:
             self.transfer_dataset()
 
-    def _loader(self, split: Literal["train", "val", "test"]) -> DataLoader:
-        h = self.hparams
-        collate = functools.partial(
+    def _collate(self) -> functools.partial:
+        """:func:`collate_text` with both tokenizers' pad ids (a picklable partial, for worker processes)."""
+        return functools.partial(
             collate_text,
             pad_token_id=self.load_tokenizer("teacher").pad_token_id,
             student_pad_token_id=self.load_tokenizer("student").pad_token_id,
         )
+
+    def _loader(self, split: Literal["train", "val", "test"]) -> DataLoader:
+        h = self.hparams
+        collate = self._collate()
         dataset = self.train_dataset() if split == "train" else self.dataset(split)
         return DataLoader(
             dataset,
@@ -796,17 +800,13 @@ class TextClassificationDataModule(L.LightningDataModule):
             batch_size: Rows per batch; ``None`` for ``eval_batch_size`` (else ``batch_size``).
         """
         h = self.hparams
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"Expected `batch_size` >= 1 (or None) but got {batch_size}.")
         size = batch_size or h.eval_batch_size or h.batch_size
-        if size < 1:
-            raise ValueError(f"Expected `batch_size` >= 1 but got {size}.")
         rows = TrainingRowsDataset(self.train_dataset())
         lengths = rows.lengths()
         order = sorted(range(len(rows)), key=lengths.__getitem__)  # similar lengths together: little padding
-        collate = functools.partial(
-            collate_text,
-            pad_token_id=self.load_tokenizer("teacher").pad_token_id,
-            student_pad_token_id=self.load_tokenizer("student").pad_token_id,
-        )
+        collate = self._collate()
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         return DataLoader(rows, batch_sampler=batches, collate_fn=collate, num_workers=h.num_workers)
 

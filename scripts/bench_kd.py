@@ -455,8 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fused-optimizer",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the students' AdamW as torch's fused kernel (same update up to rounding; about 10 times faster on a"
-        " CPU for the 2-layer student's 20M parameters) instead of the multi-tensor one; default on for 2layer, off"
+        help="the students' AdamW as torch's fused kernel (same update up to rounding, faster) instead of the"
+        " multi-tensor one; default on for 2layer, off"
         " for small and bigru (whose figures were measured without it). The teacher's fine-tuning never uses it",
     )
     p.add_argument(

@@ -280,3 +280,21 @@ def test_fused_optimizer_and_teacher_cache_defaults_per_student(bench):
     assert a.teacher_cache is False
     with pytest.raises(SystemExit):
         bench.parse_args(["--data-dir", "d", "--student", "2layer", "--attention-weight", "1", "--teacher-cache"])
+
+
+def test_fused_adamw_gives_the_multi_tensor_update_up_to_rounding(bench):
+    def train(fused: bool) -> list[torch.Tensor]:
+        start = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+        params = [torch.nn.Parameter(start), torch.nn.Parameter(torch.zeros(8))]
+        optimizer = bench.optimizer_and_schedule(1e-2, 10, 0.1, fused=fused)[0](params)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    fused, plain = train(True), train(False)
+    for f, p in zip(fused, plain):
+        torch.testing.assert_close(f, p, rtol=0, atol=1e-6)
+    assert (plain[0] - torch.randn(50, 8, generator=torch.Generator().manual_seed(0))).abs().max() > 0.05  # it trained

@@ -172,6 +172,8 @@ def test_cache_loader_holds_every_training_row_once_under_the_index_training_bat
             assert (batch["input_ids"][row, :n].tolist(), int(batch["labels"][row])) == rows[i]
     plain = module(folder, eval_batch_size=4)  # no transfer set: the labelled rows alone
     assert sorted(i for b in plain.cache_dataloader() for i in b["index"].tolist()) == list(range(KD_TRAIN_SIZE))
+    with pytest.raises(ValueError, match="Expected `batch_size` >= 1 \\(or None\\) but got 0"):
+        plain.cache_dataloader(batch_size=0)
 
 
 def test_a_cache_built_from_the_cache_loader_serves_transfer_batches_as_the_live_teacher(folder, tmp_path):
