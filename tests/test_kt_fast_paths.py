@@ -43,6 +43,19 @@ def test_fast_dropout_scales_kept_elements_so_the_expectation_is_unchanged():
     assert abs(out.mean().item() - 2.0) < 0.01
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 9), (1000,)])
+def test_keep_mask_is_16_bit_lanes_of_full_range_randint_words_compared_to_the_threshold(shape):
+    from lit_kt.models.dropout import keep_mask
+
+    p, numel = 0.2, torch.Size(shape).numel()
+    mask = keep_mask(shape, p, torch.device("cpu"), torch.Generator().manual_seed(11))
+    # The definition the masks (and the recorded training runs) have used: 64 random bits per four elements.
+    words = torch.randint(-(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64,
+                          generator=torch.Generator().manual_seed(11))  # fmt: skip
+    expected = words.view(torch.int16)[:numel].view(shape) >= round(p * 65536) - 32768
+    assert torch.equal(mask, expected)
+
+
 def test_fast_dropout_identity_zeros_reproducibility_and_errors():
     x = torch.randn(100)
     assert fast_dropout(x, 0.5, training=False) is x

@@ -38,9 +38,10 @@ def keep_mask(
     numel = 1
     for size in shape:
         numel *= size
-    words = torch.randint(
-        -(2**63), 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
-    )
+    # The bits of torch.randint(-2**63, 2**63 - 1, ...) (which takes a 64-bit modulo per word), drawn without the
+    # modulo: the full-range draw returns the raw 64-bit words, which differ from randint's by the top bit only.
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    words.bitwise_xor_(-(2**63))
     bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
     return bits >= threshold - _LEVELS // 2  # P(keep) = 1 - threshold / 65536
 

@@ -250,10 +250,13 @@ class SAKT(nn.Module):
             # Run the position-wise layers on the real positions only (elsewhere the padded path runs).
             positions = torch.arange(L, device=exercises.device)  # (L,)
             real = positions < lengths[:, None]  # (B, L)
-            key_ids = F.pad(interactions[:, :-1], (1, 0))[real]  # (N,) key t holds interaction t - 1
+            # Key t holds interaction t - 1; key 0 the start token, appended to the table as id 2E + 1.
+            start = self.interaction_emb.num_embeddings
+            key_ids = F.pad(interactions[:, :-1], (1, 0), value=start)[real]  # (N,)
             key_pos = positions.expand(B, L)[real]  # (N,)
-            kv = torch.where((key_pos == 0)[:, None], self.start, self.interaction_emb(key_ids))  # (N, D)
-            kv = self.emb_drop(kv + self.position_emb(key_pos))
+            table = torch.cat([self.interaction_emb.weight, self.start[None]])  # (2E + 2, D)
+            kv = F.embedding(key_ids, table, padding_idx=0)  # (N, D); padding_idx: no gradient to id 0, as before
+            kv = self.emb_drop(kv.add_(self.position_emb(key_pos)))
             x = self.emb_drop(self.exercise_emb(exercises[real]))  # (N, D)
             row_ends = lengths.tolist()  # CPU: no device synchronisation
             for block in self.blocks:
