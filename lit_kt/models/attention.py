@@ -142,13 +142,15 @@ class PackedCausalAttention(torch.autograd.Function):
         N, D = q.shape
         H, Dh = num_heads, D // num_heads
         scale = kept_scale(p) if p > 0 else 1.0
-        # (N, H, D/H) views: a piece (heads h0:h1 of one sample's rows) is a strided (C, n, D/H) batch of matrices
-        # whose rows are D (or 2D, for k and v cut from one projection) apart, which torch.bmm reads in place (its
-        # out= and baddbmm fall back to one product per matrix on such views, so results are copied out instead).
-        q3 = (q * Dh**-0.5).view(N, H, Dh)  # the one full copy: 1/sqrt(d) on the small side of the product
-        k3, v3 = k.view(N, H, Dh), v.view(N, H, Dh)
-        out = q.new_empty(N, D)  # every row belongs to a sample, so every piece writes it
-        out3 = out.view(N, H, Dh)
+
+        def heads_first(x: Tensor, factor: float = 1.0) -> Tensor:  # (N, D) -> (H, N, D/H), times factor: one pass
+            heads = x.reshape(N, H, Dh).transpose(0, 1)
+            return heads.contiguous() if factor == 1.0 else torch.mul(heads, factor, out=x.new_empty(H, N, Dh))
+
+        q_h = heads_first(q, Dh**-0.5)
+        k_h = heads_first(k)
+        v_h = heads_first(v, scale)  # the kept scale on the small side of the product
+        out = torch.empty_like(q_h)  # (H, N, D/H): every row belongs to a sample, so every piece writes it
         generator = _generator(seed, q.device) if p > 0 else None
         keep_for_backward = any(ctx.needs_input_grad[:3])
         saved = []
@@ -157,46 +159,44 @@ class PackedCausalAttention(torch.autograd.Function):
             offsets.append(offsets[-1] + n)
         for b, h0, h1, n in _chunks(lengths, H, q.element_size()):
             rows = slice(offsets[b], offsets[b] + n)
-            q_p, k_p, v_p = (x[rows, h0:h1].transpose(0, 1) for x in (q3, k3, v3))  # (C, n, D/H)
-            scores = torch.bmm(q_p, k_p.transpose(1, 2))  # (C, n, n)
+            scores = torch.bmm(q_h[h0:h1, rows], k_h[h0:h1, rows].transpose(1, 2))  # (C, n, n)
             weights = scores.add_(additive_causal_mask(n, q.device, q.dtype)).softmax(dim=-1)  # (C, n, n)
             dropped = weights
             if p > 0:
                 # uint8 -> float, then multiply: faster on CPU than a float-times-bool product.
                 keep = keep_mask(weights.shape, p, q.device, generator)
                 dropped = keep.view(torch.uint8).to(weights.dtype).mul_(weights)
-            # The kept scale goes on with the copy into the output rows.
-            torch.mul(torch.bmm(dropped, v_p), scale, out=out3[rows, h0:h1].transpose(0, 1))
+            out[h0:h1, rows] = torch.bmm(dropped, v_h[h0:h1, rows])
             if keep_for_backward:
                 saved.append((weights, dropped))
-        ctx.save_for_backward(q3, k3, v3, out)
-        ctx.saved, ctx.lengths, ctx.offsets, ctx.scale, ctx.num_heads = saved, lengths, offsets, scale, H
-        return out
+        ctx.save_for_backward(q_h, k_h, v_h, out)
+        ctx.saved, ctx.lengths, ctx.offsets, ctx.scale = saved, lengths, offsets, scale
+        return out.transpose(0, 1).reshape(N, D)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q3, k3, v3, out = ctx.saved_tensors  # (N, H, D/H) views of q / sqrt(d), k, v; out (N, D)
-        N, H, Dh = q3.shape
-        s, root = ctx.scale, Dh**-0.5
-        grad_out3 = grad_out.contiguous().view(N, H, Dh)
-        row = (grad_out3 * out.view(N, H, Dh)).sum(dim=-1)  # (N, H) rowsum(dDr * Dr) = rowsum(dOut * out)
-        grads = [q3.new_empty(N, H * Dh) for _ in range(3)]
-        grad_q3, grad_k3, grad_v3 = (g.view(N, H, Dh) for g in grads)
-        pieces = _chunks(ctx.lengths, H, q3.element_size())
+        q_h, k_h, v_h, out = ctx.saved_tensors  # (H, N, D/H) each; q scaled by 1/sqrt(d), v by the kept scale
+        H, N, Dh = q_h.shape
+        grad_out = grad_out.reshape(N, H, Dh).transpose(0, 1).contiguous()  # (H, N, D/H)
+        row = (grad_out * out).sum(dim=-1, keepdim=True)  # (H, N, 1) rowsum(dDr * Dr) = rowsum(dOut * out)
+        grad_q, grad_k, grad_v = torch.empty_like(q_h), torch.empty_like(k_h), torch.empty_like(v_h)
+        pieces = _chunks(ctx.lengths, H, q_h.element_size())
         for (b, h0, h1, n), (weights, dropped) in zip(pieces, ctx.saved, strict=True):
             rows = slice(ctx.offsets[b], ctx.offsets[b] + n)
-            q_p, k_p, v_p, go, gq, gk, gv = (
-                x[rows, h0:h1].transpose(0, 1) for x in (q3, k3, v3, grad_out3, grad_q3, grad_k3, grad_v3)
-            )  # (C, n, D/H) each
-            torch.mul(torch.bmm(dropped.transpose(1, 2), go), s, out=gv)  # s Dr^T dOut
-            grad_scores = torch.bmm(go, v_p.transpose(1, 2))  # (C, n, n) dDr / s
-            grad_scores.mul_(dropped)
-            if s != 1.0:
-                grad_scores.mul_(s)
-            grad_scores.addcmul_(weights, row[rows, h0:h1].t().unsqueeze(-1), value=-1)  # dS
-            torch.mul(torch.bmm(grad_scores, k_p), root, out=gq)
-            gk.copy_(torch.bmm(grad_scores.transpose(1, 2), q_p))  # q_p already carries 1/sqrt(d)
-        return grads[0], grads[1], grads[2], None, None, None, None
+            go = grad_out[h0:h1, rows]  # (C, n, D/H)
+            grad_v[h0:h1, rows] = torch.bmm(dropped.transpose(1, 2), go)
+            grad_scores = torch.bmm(go, v_h[h0:h1, rows].transpose(1, 2))  # (C, n, n) dDr
+            grad_scores.mul_(dropped).addcmul_(weights, row[h0:h1, rows], value=-1)  # dS
+            grad_q[h0:h1, rows] = torch.bmm(grad_scores, k_h[h0:h1, rows])
+            grad_k[h0:h1, rows] = torch.bmm(grad_scores.transpose(1, 2), q_h[h0:h1, rows])
+
+        def rows_first(x: Tensor, factor: float = 1.0) -> Tensor:  # (H, N, D/H) -> (N, D), times factor: one pass
+            rows = x.transpose(0, 1)
+            if factor == 1.0:
+                return rows.reshape(N, H * Dh)
+            return torch.mul(rows, factor, out=x.new_empty(N, H, Dh)).view(N, H * Dh)
+
+        return rows_first(grad_q, Dh**-0.5), rows_first(grad_k), rows_first(grad_v, ctx.scale), None, None, None, None
 
 
 def packed_causal_attention(
