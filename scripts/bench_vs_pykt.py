@@ -16,8 +16,7 @@ alternate, ours then pyKT's on the same batch, so that load from other jobs on t
 * Ours: ``lit_kt.SAKT`` / ``lit_kt.DKT`` / ``lit_kt.AKT`` ``forward(exercises, responses)`` -> (B, L) logits,
   :func:`~lit_kt.masked_bce_with_logits` over the real positions, ``backward``, ``Adam.step``.
   Given the same padded batch, our models skip the padding themselves on CPU (SAKT: position-wise layers on the
-  real positions, attention cut to each row's length; DKT: the LSTM recurrence alone on the real positions, its input
-  product taken once per interaction id; AKT:
+  real positions, attention cut to each row's length; DKT: the LSTM on groups of similar-length rows; AKT:
   position-wise layers on the real positions, attention on groups of similar-length rows, each cut to its longest),
   with the same outputs at the real positions (``tests/test_kt_fast_paths.py``, ``tests/test_akt_fast.py``); that is
   part of what is measured.

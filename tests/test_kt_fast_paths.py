@@ -11,7 +11,6 @@ from lit_kt import DKT, SAKT, KTModule
 from lit_kt.models import attention
 from lit_kt.models.attention import ChunkedCausalAttention, causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, dropout_mask, fast_dropout, quantized_drop_probability
-from lit_kt.models.lstm import packed_lstm
 
 
 def test_quantized_drop_probability_is_p_rounded_to_16_bits():
@@ -211,93 +210,19 @@ def test_sakt_training_with_dropout_is_reproducible_and_causal():
     torch.testing.assert_close(model(exercises, flipped), a)
 
 
-def _dkt_textbook(model: DKT, exercises, responses):
-    """DKT written out with nn.LSTM over the whole padded batch (no fast path)."""
-    B = exercises.shape[0]
-    interactions = exercises + model.num_exercises * responses * (exercises > 0)
-    x = torch.cat([model.start.expand(B, 1, -1), model.interaction_emb(interactions[:, :-1])], dim=1)
-    return model.head(model.lstm(x)[0]).gather(-1, exercises.unsqueeze(-1)).squeeze(-1)
-
-
-@pytest.mark.parametrize("num_layers", [1, 2])  # 1: the packed recurrence; 2: nn.LSTM on groups of rows
-def test_dkt_cpu_paths_equal_plain_lstm_in_logits_and_gradients(num_layers):
+def test_dkt_grouped_cpu_path_equals_plain_lstm_in_logits_and_gradients():
     torch.manual_seed(0)
-    model = DKT(20, hidden_size=12, embedding_dim=8, num_layers=num_layers, dropout=0.0)
+    model = DKT(20, hidden_size=12, embedding_dim=8, dropout=0.0)
     exercises, responses = _batch(B=7)
     real = exercises > 0
-    real[4, 5] = True  # the gap inside row 4 is part of it (scored here, though a loss would skip it)
     fast = model(exercises, responses)
-    plain = _dkt_textbook(model, exercises, responses)
+    interactions = exercises + 20 * responses * real
+    x = torch.cat([model.start.expand(7, 1, -1), model.interaction_emb(interactions[:, :-1])], dim=1)
+    plain = model.head(model.lstm(x)[0]).gather(-1, exercises.unsqueeze(-1)).squeeze(-1)  # the textbook path
     torch.testing.assert_close(fast[real], plain[real])
-    after = torch.arange(15) >= torch.tensor([15, 9, 2, 0, 15, 15, 15])[:, None]
-    assert (fast[after] == 0).all()  # 0 after each row's last real position
     grads = [torch.autograd.grad(out[real].sum(), list(model.parameters())) for out in (fast, plain)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    names = [name for name, _ in model.named_parameters()]
-    emb_grad = grads[0][names.index("interaction_emb.weight")]
-    assert (emb_grad[0] == 0).all() and (emb_grad[1:] != 0).any()  # no gradient to the padding id, as nn.Embedding
-
-
-def test_dkt_recurrence_path_runs_and_alternatives_stay_available(monkeypatch):
-    from lit_kt.models import dkt
-
-    calls = []
-    monkeypatch.setattr(dkt, "packed_lstm", lambda *args: calls.append(1) or packed_lstm(*args))
-    exercises, responses = _batch()
-    DKT(20, hidden_size=8, embedding_dim=8)(exercises, responses)
-    assert calls == [1]
-    DKT(20, hidden_size=8, embedding_dim=8, num_layers=2)(exercises, responses)  # grouped nn.LSTM
-    DKT(20, hidden_size=8, embedding_dim=8, packed=True)(exercises, responses)  # pack_padded_sequence
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: nn.LSTM's own bfloat16 path
-        DKT(20, hidden_size=8, embedding_dim=8)(exercises, responses)
-    empty = torch.zeros(2, 5, dtype=torch.long)
-    assert DKT(20, hidden_size=8, embedding_dim=8)(empty, empty).eq(0).all()
-    assert calls == [1]
-
-
-def _packed_reference(lengths, V=6, E=5, H=7, seed=0):
-    """nn.LSTM over embedded tokens, packed by torch; and the same inputs in packed_lstm's form."""
-    g = torch.Generator().manual_seed(seed)
-    lstm = torch.nn.LSTM(E, H, batch_first=True).double()
-    emb = torch.randn(V, E, dtype=torch.double, generator=g)
-    tokens = torch.randint(0, V, (len(lengths), max(lengths)), generator=g)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(emb[tokens], torch.tensor(lengths), batch_first=True,
-                                                     enforce_sorted=False)  # fmt: skip
-    # The same permutation applied to the token ids: pack them as a float feature and read them back.
-    ids = torch.nn.utils.rnn.pack_padded_sequence(tokens[..., None].double(), torch.tensor(lengths), batch_first=True,
-                                                  enforce_sorted=False).data[:, 0].long()  # fmt: skip
-    table = F.linear(emb, lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().requires_grad_()
-    weight = lstm.weight_hh_l0.detach().clone().requires_grad_()
-    return lstm, emb, packed, table, ids, weight, packed.batch_sizes.tolist()
-
-
-@pytest.mark.parametrize("lengths", [[9, 7, 7, 3, 1, 5], [1, 1], [4]])
-def test_packed_lstm_equals_nn_lstm_on_packed_sequences_in_value_and_gradient(lengths):
-    lstm, emb, packed, table, ids, weight, batch_sizes = _packed_reference(lengths)
-    out = packed_lstm(table, ids, weight, batch_sizes)
-    reference = lstm(packed)[0].data
-    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
-    # Gradients against nn.LSTM's, through the table's product (W_ih x + b) to its weights.
-    upstream = torch.randn_like(reference)
-    (out * upstream).sum().backward()
-    (reference * upstream).sum().backward()
-    torch.testing.assert_close(weight.grad, lstm.weight_hh_l0.grad, rtol=0, atol=1e-12)
-    # table = emb W_ih^T + b, so dL/dW_ih = dL/dtable^T emb and dL/db = the column sums of dL/dtable.
-    torch.testing.assert_close(table.grad.T @ emb, lstm.weight_ih_l0.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(table.grad.sum(0), lstm.bias_ih_l0.grad, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t, w: packed_lstm(t, ids, w, batch_sizes), (table, weight))
-
-
-def test_packed_lstm_refuses_inconsistent_inputs():
-    table, weight, ids = torch.zeros(5, 8), torch.zeros(8, 2), torch.zeros(3, dtype=torch.long)
-    with pytest.raises(ValueError, match="`table` \\(V, 4H\\)"):
-        packed_lstm(torch.zeros(5, 7), ids, weight, [2, 1])
-    with pytest.raises(ValueError, match="`ids`"):
-        packed_lstm(table, ids.float(), weight, [2, 1])
-    for bad in ([1, 2], [2, 2], [3, 0], []):  # increasing, wrong sum, a zero, empty
-        with pytest.raises(ValueError, match="`batch_sizes`"):
-            packed_lstm(table, ids, weight, bad)
 
 
 def _flushes() -> bool:

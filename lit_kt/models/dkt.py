@@ -7,21 +7,15 @@ LSTM input at position ``t`` is interaction ``t - 1`` (a learned start token at 
 ``exercises[:, :t+1]`` and ``responses[:, :t]`` only. Right padding (id 0) cannot reach real positions because the
 LSTM runs forward in time.
 
-Four ways to run the LSTM over a right-padded batch, with the same outputs at the real positions:
+Three ways to run the LSTM over a right-padded batch, with the same outputs at the real positions:
 
-* packed recurrence (CPU, one layer, the default there): the LSTM input of a position is one of a few hundred
-  interaction ids, so ``W_ih x + b`` is projected once per forward for the whole embedding table, and
-  :func:`~lit_kt.models.lstm.packed_lstm` runs only the recurrence, on the real positions (time-major packed rows,
-  no padding, no input product per position);
-* grouped (CPU with several layers, or under autocast): rows sorted by length and split into ``LSTM_GROUPS``
-  groups, each cut to its longest row, so that most of the trailing padding is skipped;
+* grouped (CPU, the default there): rows sorted by length and split into ``LSTM_GROUPS`` groups, each cut to its
+  longest row, so that most of the trailing padding is skipped;
 * packed (CUDA, the default there; ``packed=True`` anywhere): :func:`torch.nn.utils.rnn.pack_padded_sequence`, so
   that cuDNN skips all of the padding. Packing needs the lengths on the host: one copy of ``B`` integers from the
-  device per forward (the CPU paths need more, the padded one none);
+  device per forward (the grouped path needs more, the padded one none);
 * padded: the LSTM over the whole (B, L) tensor (elsewhere, and under ``torch.compile``, whose graphs cannot hold
-  the data-dependent shapes of the other three).
-
-All four use the same ``nn.LSTM`` parameters and state-dict keys.
+  the data-dependent shapes of the other two).
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lit_kt.models.dropout import FastDropout
-from lit_kt.models.lstm import packed_lstm
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
 LSTM_GROUPS = 4  # row groups of similar length the CPU path runs the LSTM on (2 to 8 timed alike in a trial)
@@ -47,9 +40,9 @@ class DKT(nn.Module):
         num_layers: Stacked LSTM layers.
         embedding_dim: Width of the interaction embedding fed to the LSTM.
         dropout: Dropout on the LSTM output (and between LSTM layers when there are several).
-        packed: Run the LSTM on ``pack_padded_sequence`` (see the module docstring): ``None`` for that on CUDA and
-            the CPU paths on CPU, ``True`` for it on any device (e.g. to test it on CPU, where its backward is far
-            slower than the CPU paths'), ``False`` never (the CPU paths on CPU, padded elsewhere). It changes how
+        packed: Run the LSTM on packed sequences (see the module docstring): ``None`` for packed on CUDA and the
+            grouped path on CPU, ``True`` for packed on any device (e.g. to test it on CPU, where its backward is
+            far slower than the grouped path's), ``False`` never (grouped on CPU, padded elsewhere). It changes how
             the padding is skipped, not the outputs at real positions, the parameters or the state-dict keys.
 
     Example:
@@ -101,16 +94,9 @@ class DKT(nn.Module):
         """
         B, L = exercises.shape
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
-        packed = exercises.device.type == "cuda" if self.packed is None else self.packed
-        if (
-            not packed
-            and self.lstm.num_layers == 1
-            and may_skip_padding(exercises)
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return self._recurrence_forward(interactions, exercises)
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
         x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
+        packed = exercises.device.type == "cuda" if self.packed is None else self.packed
         if packed and not torch.compiler.is_compiling():
             return self._packed_forward(x, exercises)
         if B > 1 and may_skip_padding(exercises):
@@ -130,43 +116,6 @@ class DKT(nn.Module):
             return x.new_zeros(B, L).index_put_((real,), logits)  # (B, L), 0 after each row's last real position
         h, _ = self.lstm(x)  # (B, L, H)
         return self._logits(h, exercises)
-
-    def _recurrence_forward(self, interactions: Tensor, exercises: Tensor) -> Tensor:
-        """(B, L) logits from :func:`~lit_kt.models.lstm.packed_lstm` on the real positions; 0 after them."""
-        B, L = exercises.shape
-        lengths = row_lengths(exercises)  # (B,) last real position + 1
-        order = torch.argsort(lengths, descending=True, stable=True)  # (B,) longest first
-        host = lengths[order].tolist()  # CPU: no device synchronisation
-        T = host[0]
-        positions = torch.arange(L, device=exercises.device)  # (L,)
-        real = positions < lengths[:, None]  # (B, L)
-        if T == 0:
-            return interactions.new_zeros(B, L, dtype=self.head.weight.dtype)
-        batch_sizes = [0] * T
-        for n in host:  # samples running at each step: those longer than it
-            if n == 0:
-                break
-            batch_sizes[n - 1] += 1
-        for t in range(T - 2, -1, -1):
-            batch_sizes[t] += batch_sizes[t + 1]
-        # Time-major packed rows, as a PackedSequence orders them: step t holds the samples longer than t, longest
-        # first. flat[p] is packed row p's position b * L + t in the (B, L) batch.
-        running = positions[:T, None] < lengths[order][None, :]  # (T, B) over the sorted samples
-        flat = (order[None, :] * L + positions[:T, None])[running]  # (S,)
-        # LSTM input t is interaction t - 1, or the start token at t = 0 (row `start` of the table below).
-        start = self.interaction_emb.num_embeddings
-        ids = F.pad(interactions[:, :-1], (1, 0), value=start).flatten()[flat]  # (S,)
-        emb = self.interaction_emb.weight  # (V, E)
-        # W_ih x + b takes one value per id: project the table once instead of every position. Row 0 (padding, and
-        # zeros inside a row) stays a constant zero embedding, so it gets no gradient, as nn.Embedding's padding_idx.
-        rows = torch.cat([emb.new_zeros(1, emb.shape[1]), emb[1:], self.start[None]])  # (V + 1, E)
-        table = F.linear(rows, self.lstm.weight_ih_l0, self.lstm.bias_ih_l0 + self.lstm.bias_hh_l0)  # (V + 1, 4H)
-        h = packed_lstm(table, ids, self.lstm.weight_hh_l0, batch_sizes)  # (S, H)
-        # Back to row-major order, so that the dropout before the head draws its mask as the grouped path does.
-        packed_row = torch.empty(B * L, dtype=torch.long, device=exercises.device)
-        packed_row[flat] = torch.arange(flat.shape[0], device=exercises.device)
-        logits = self._logits(h[packed_row[real.flatten()]], exercises[real])  # (N,)
-        return logits.new_zeros(B, L).index_put_((real,), logits)  # (B, L)
 
     def _packed_forward(self, x: Tensor, exercises: Tensor) -> Tensor:
         """(B, L) logits from the LSTM on packed sequences; 0 after each row's last real position, as grouped."""
