@@ -38,8 +38,9 @@ def keep_mask(
     numel = 1
     for size in shape:
         numel *= size
-    # The bits of torch.randint(-2**63, 2**63 - 1, ...) (which takes a 64-bit modulo per word), drawn without the
-    # modulo: the full-range draw returns the raw 64-bit words, which differ from randint's by the top bit only.
+    # Uniform 64-bit words without torch.randint(-2**63, 2**63 - 1, ...)'s 64-bit modulo per word: the full-range
+    # draw returns the generator's raw words. On CPU randint's words are those with the top bit flipped, flipped back
+    # here, so the masks are the ones randint gave (other devices may consume their generator differently).
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     words.bitwise_xor_(-(2**63))
     bits = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
