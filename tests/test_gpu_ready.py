@@ -49,26 +49,26 @@ def logits_and_grads(model: DKT, exercises, responses, mask) -> tuple[torch.Tens
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_dkt_packed_path_matches_the_padded_and_grouped_paths(monkeypatch):
+def test_dkt_packed_path_matches_the_padded_and_staged_paths(monkeypatch):
     torch.manual_seed(0)
-    grouped = DKT(num_exercises=20, hidden_size=12, embedding_dim=8, num_layers=2, dropout=0.0)
+    staged = DKT(num_exercises=20, hidden_size=12, embedding_dim=8, num_layers=2, dropout=0.0)
     packed = DKT(num_exercises=20, hidden_size=12, embedding_dim=8, num_layers=2, dropout=0.0, packed=True)
-    packed.load_state_dict(grouped.state_dict())  # same keys: `packed` changes the path, not the parameters
-    assert list(packed.state_dict()) == list(grouped.state_dict())
+    packed.load_state_dict(staged.state_dict())  # same keys: `packed` changes the path, not the parameters
+    assert list(packed.state_dict()) == list(staged.state_dict())
     batch = ragged_batch()
     mask = batch[2]
 
-    z_grouped, g_grouped = logits_and_grads(grouped, *batch)
+    z_staged, g_staged = logits_and_grads(staged, *batch)
     z_packed, g_packed = logits_and_grads(packed, *batch)
     monkeypatch.setattr(dkt_module, "may_skip_padding", lambda x: False)  # the padded path, as on a GPU before
-    z_padded, g_padded = logits_and_grads(grouped, *batch)
+    z_padded, g_padded = logits_and_grads(staged, *batch)
 
     torch.testing.assert_close(z_packed[mask], z_padded[mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(z_packed, z_grouped, atol=1e-5, rtol=1e-5)  # both 0 after each row's end
+    torch.testing.assert_close(z_packed, z_staged, atol=1e-5, rtol=1e-5)  # both 0 after each row's end
     assert not z_packed[~mask].any()
     for name in g_padded:
         torch.testing.assert_close(g_packed[name], g_padded[name], atol=1e-5, rtol=1e-5, msg=name)
-        torch.testing.assert_close(g_packed[name], g_grouped[name], atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(g_packed[name], g_staged[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_dkt_packs_only_on_cuda_by_default(monkeypatch):
@@ -77,7 +77,7 @@ def test_dkt_packs_only_on_cuda_by_default(monkeypatch):
 
     monkeypatch.setattr(dkt_module, "pack_padded_sequence", refuse)
     exercises, responses, _ = ragged_batch()
-    DKT(num_exercises=20, hidden_size=8, embedding_dim=8)(exercises, responses)  # None: grouped on CPU
+    DKT(num_exercises=20, hidden_size=8, embedding_dim=8)(exercises, responses)  # None: staged on CPU
     DKT(num_exercises=20, hidden_size=8, embedding_dim=8, packed=False)(exercises, responses)
     with pytest.raises(AssertionError, match="packed path taken"):
         DKT(num_exercises=20, hidden_size=8, embedding_dim=8, packed=True)(exercises, responses)

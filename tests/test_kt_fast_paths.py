@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lit_kt.models.dkt as dkt_module
 from lit_kt import DKT, SAKT, KTModule
 from lit_kt.models import attention
 from lit_kt.models.attention import ChunkedCausalAttention, causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, dropout_mask, fast_dropout, quantized_drop_probability
+from lit_kt.models.padding import row_lengths
 
 
 def test_quantized_drop_probability_is_p_rounded_to_16_bits():
@@ -210,19 +212,44 @@ def test_sakt_training_with_dropout_is_reproducible_and_causal():
     torch.testing.assert_close(model(exercises, flipped), a)
 
 
-def test_dkt_grouped_cpu_path_equals_plain_lstm_in_logits_and_gradients():
+@pytest.mark.parametrize("stages", [1, 2, 8])
+def test_dkt_staged_cpu_path_equals_plain_lstm_in_logits_and_gradients(stages, monkeypatch):
+    # 1 stage: every row runs to the longest; 2: rows run past their ends to a stage end; 8 (> B): a stage per row.
+    monkeypatch.setattr(dkt_module, "LSTM_STAGES", stages)
     torch.manual_seed(0)
-    model = DKT(20, hidden_size=12, embedding_dim=8, dropout=0.0)
+    model = DKT(20, hidden_size=12, embedding_dim=8, num_layers=2, dropout=0.0)
     exercises, responses = _batch(B=7)
-    real = exercises > 0
+    real = torch.arange(15) < row_lengths(exercises)[:, None]  # up to each row's last real position
     fast = model(exercises, responses)
-    interactions = exercises + 20 * responses * real
+    interactions = exercises + 20 * responses * (exercises > 0)
     x = torch.cat([model.start.expand(7, 1, -1), model.interaction_emb(interactions[:, :-1])], dim=1)
     plain = model.head(model.lstm(x)[0]).gather(-1, exercises.unsqueeze(-1)).squeeze(-1)  # the textbook path
     torch.testing.assert_close(fast[real], plain[real])
+    assert not fast[~real].any()  # 0 after each row's end
     grads = [torch.autograd.grad(out[real].sum(), list(model.parameters())) for out in (fast, plain)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dkt_staged_cpu_path_on_a_batch_of_padding_gives_zeros():
+    exercises = torch.zeros(3, 5, dtype=torch.long)
+    logits = DKT(20, hidden_size=8, embedding_dim=8)(exercises, exercises)
+    assert logits.shape == (3, 5) and not logits.any()
+
+
+def test_dkt_staged_cpu_path_drops_the_real_positions_as_they_come_in_row_major_order(monkeypatch):
+    # The dropout before the head draws one mask over the real positions in row-major order, whatever the stages,
+    # so a run's masks (and a recorded training run) do not depend on how the LSTM was cut.
+    torch.manual_seed(0)
+    model = DKT(20, hidden_size=12, embedding_dim=8, dropout=0.5).train()
+    exercises, responses = _batch(B=7)
+    runs = []
+    for stages in (1, 3, 8):
+        monkeypatch.setattr(dkt_module, "LSTM_STAGES", stages)
+        torch.manual_seed(5)
+        runs.append(model(exercises, responses))
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0])
 
 
 def _flushes() -> bool:

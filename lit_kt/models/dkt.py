@@ -9,11 +9,12 @@ LSTM runs forward in time.
 
 Three ways to run the LSTM over a right-padded batch, with the same outputs at the real positions:
 
-* grouped (CPU, the default there): rows sorted by length and split into ``LSTM_GROUPS`` groups, each cut to its
-  longest row, so that most of the trailing padding is skipped;
+* staged (CPU, the default there): rows sorted by length, the time axis cut into ``LSTM_STAGES`` stages, each
+  stage run over the rows still real at its start from the state the previous stage left them in, so that most of
+  the trailing padding is skipped and each step multiplies as many rows as it can (:meth:`DKT._staged_forward`);
 * packed (CUDA, the default there; ``packed=True`` anywhere): :func:`torch.nn.utils.rnn.pack_padded_sequence`, so
   that cuDNN skips all of the padding. Packing needs the lengths on the host: one copy of ``B`` integers from the
-  device per forward (the grouped path needs more, the padded one none);
+  device per forward (the staged path needs more, the padded one none);
 * padded: the LSTM over the whole (B, L) tensor (elsewhere, and under ``torch.compile``, whose graphs cannot hold
   the data-dependent shapes of the other two).
 """
@@ -28,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lit_kt.models.dropout import FastDropout
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
-LSTM_GROUPS = 4  # row groups of similar length the CPU path runs the LSTM on (2 to 8 timed alike in a trial)
+LSTM_STAGES = 8  # time stages of the CPU path (see DKT._staged_forward)
 
 
 class DKT(nn.Module):
@@ -41,8 +42,8 @@ class DKT(nn.Module):
         embedding_dim: Width of the interaction embedding fed to the LSTM.
         dropout: Dropout on the LSTM output (and between LSTM layers when there are several).
         packed: Run the LSTM on packed sequences (see the module docstring): ``None`` for packed on CUDA and the
-            grouped path on CPU, ``True`` for packed on any device (e.g. to test it on CPU, where its backward is
-            far slower than the grouped path's), ``False`` never (grouped on CPU, padded elsewhere). It changes how
+            staged path on CPU, ``True`` for packed on any device (e.g. to test it on CPU, where its backward is
+            far slower than the staged path's), ``False`` never (staged on CPU, padded elsewhere). It changes how
             the padding is skipped, not the outputs at real positions, the parameters or the state-dict keys.
 
     Example:
@@ -94,31 +95,64 @@ class DKT(nn.Module):
         """
         B, L = exercises.shape
         interactions = exercises + self.num_exercises * responses * (exercises > 0)  # (B, L)
+        packed = exercises.device.type == "cuda" if self.packed is None else self.packed
+        if not packed and B > 1 and may_skip_padding(exercises):
+            return self._staged_forward(exercises, interactions)
         past = self.interaction_emb(interactions[:, :-1])  # (B, L-1, E)
         x = torch.cat([self.start.expand(B, 1, -1), past], dim=1)  # (B, L, E)
-        packed = exercises.device.type == "cuda" if self.packed is None else self.packed
         if packed and not torch.compiler.is_compiling():
             return self._packed_forward(x, exercises)
-        if B > 1 and may_skip_padding(exercises):
-            # Run the LSTM on groups of rows of similar length, each cut to its longest row, so that it skips most
-            # of the trailing padding (elsewhere the padded path runs). PyTorch's packed sequences would skip all of
-            # it, but their backward on CPU is far slower than this.
-            positions = torch.arange(L, device=exercises.device)  # (L,)
-            lengths = row_lengths(exercises)  # (B,) last real position + 1
-            h = x.new_zeros(B, L, self.lstm.hidden_size)  # (B, L, H)
-            for rows in torch.argsort(lengths, descending=True).tensor_split(min(B, LSTM_GROUPS)):
-                n = int(lengths[rows[0]])
-                if n > 0:
-                    # .to: under CPU autocast the LSTM may return bfloat16 while h keeps x's float32.
-                    h.index_put_((rows[:, None], positions[None, :n]), self.lstm(x[rows, :n])[0].to(h.dtype))
-            real = positions < lengths[:, None]  # (B, L)
-            logits = self._logits(h[real], exercises[real])  # (N,): dropout and head on the real positions only
-            return x.new_zeros(B, L).index_put_((real,), logits)  # (B, L), 0 after each row's last real position
         h, _ = self.lstm(x)  # (B, L, H)
         return self._logits(h, exercises)
 
+    def _staged_forward(self, exercises: Tensor, interactions: Tensor) -> Tensor:
+        """(B, L) logits from the LSTM run in time stages over the rows still real; 0 after each row's end (CPU).
+
+        Rows sorted by length (longest first) are cut into ``LSTM_STAGES`` groups; each group's longest row ends a
+        stage. Stage ``[t0, t1)`` runs the LSTM over the rows longer than ``t0`` (a prefix of the sorted rows), from
+        the state the previous stage left them in, so every step multiplies the largest batch of rows it can, and a
+        row runs past its end only to the end of its stage: as much padding as running each group on its own, in fewer
+        sequential steps (the longest row's length, not the sum of the groups' longest). The inputs come straight
+        from the ids, the outputs at the real positions are gathered in row-major order, so dropout draws the masks
+        ``h[real]`` would get.
+        """
+        B, L = exercises.shape
+        lengths = row_lengths(exercises)  # (B,) last real position + 1
+        order = torch.argsort(lengths, descending=True)  # (B,)
+        sorted_lengths = lengths[order].tolist()  # CPU: no device synchronisation
+        ends = sorted({sorted_lengths[int(rows[0])] for rows in torch.arange(B).tensor_split(min(B, LSTM_STAGES))})
+        ends = [t for t in ends if t > 0]
+        if not ends:  # every row is padding
+            return exercises.new_zeros(B, L, dtype=self.head.weight.dtype)
+        # LSTM input at position t: interaction t - 1; at 0 the start token, appended to the table as id 2E + 1.
+        start = self.interaction_emb.num_embeddings
+        ids = F.pad(interactions[:, :-1], (1, 0), value=start)[order]  # (B, L), longest row first
+        table = torch.cat([self.interaction_emb.weight, self.start[None]])  # (2E + 2, E)
+        outputs, state, t0 = [], None, 0
+        for t1 in ends:
+            m = sum(n > t0 for n in sorted_lengths)  # rows still real at t0
+            if state is not None:
+                state = tuple(s[:, :m] for s in state)  # (layers, m, H) each
+            x = F.embedding(ids[:m, t0:t1], table, padding_idx=0)  # (m, T, E); padding_idx: no gradient to id 0
+            h, state = self.lstm(x, state)  # (m, T, H)
+            outputs.append(h.reshape(-1, h.shape[-1]))
+            t0 = t1
+        # Row of (b, t) among the stage outputs: stage s holds rows 0..m_s-1 of the sorted order, times [t0_s, t1_s).
+        bounds = torch.tensor([0] + ends)  # (S + 1,)
+        steps = bounds[1:] - bounds[:-1]  # (S,)
+        offsets = F.pad(torch.tensor([o.shape[0] for o in outputs]).cumsum(0)[:-1], (1, 0))  # (S,)
+        positions = torch.arange(L)  # (L,)
+        stage = torch.bucketize(positions, bounds[1:], right=True).clamp_max(len(ends) - 1)  # (L,) past the end: unused
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(B))  # (B,) place of each row in the order
+        real = positions < lengths[:, None]  # (B, L)
+        index = offsets[stage] + rank[:, None] * steps[stage] + positions - bounds[stage]  # (B, L)
+        h = torch.cat(outputs).index_select(0, index[real])  # (N, H) real positions, row-major
+        # .to: under CPU autocast the LSTM may return bfloat16.
+        logits = self._logits(h.to(table.dtype), exercises[real])  # (N,): dropout and head on the real positions
+        return exercises.new_zeros(B, L, dtype=logits.dtype).index_put_((real,), logits)  # (B, L)
+
     def _packed_forward(self, x: Tensor, exercises: Tensor) -> Tensor:
-        """(B, L) logits from the LSTM on packed sequences; 0 after each row's last real position, as grouped."""
+        """(B, L) logits from the LSTM on packed sequences; 0 after each row's last real position, as staged."""
         B, L = exercises.shape
         lengths = row_lengths(exercises)  # (B,) last real position + 1
         # pack_padded_sequence wants host lengths >= 1: an all-padding row runs one step (its start token), unscored.

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lit_kt.models.attention import causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, fast_dropout
+from lit_kt.models.linear import FastLinear, fast_linear
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
 
@@ -43,12 +44,13 @@ class SAKTBlock(nn.Module):
         self.attention_dropout = dropout if attention_dropout is None else attention_dropout
         if not 0.0 <= self.attention_dropout <= 1.0:
             raise ValueError(f"Expected `attention_dropout` in [0, 1] but got {self.attention_dropout}.")
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        # FastLinear: nn.Linear whose float32 CPU products run on oneDNN (see lit_kt.models.linear).
+        self.q_proj = FastLinear(d_model, d_model)
+        self.kv_proj = FastLinear(d_model, 2 * d_model)
+        self.out_proj = FastLinear(d_model, d_model)
         self.attn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(d_model, d_model), nn.ReLU(), FastDropout(dropout), nn.Linear(d_model, d_model)
+            FastLinear(d_model, d_model), nn.ReLU(), FastDropout(dropout), FastLinear(d_model, d_model)
         )
         self.ffn_norm = nn.LayerNorm(d_model)
         self.drop = FastDropout(dropout)
@@ -69,7 +71,7 @@ class SAKTBlock(nn.Module):
                 on their own (:class:`~lit_kt.streaming.SAKTStream` caches interactions and positions apart) and
                 add the bias with one part only.
         """
-        kv = F.linear(interactions, self.kv_proj.weight, self.kv_proj.bias if bias else None)  # (..., 2D)
+        kv = fast_linear(interactions, self.kv_proj.weight, self.kv_proj.bias if bias else None)  # (..., 2D)
         k, v = kv.chunk(2, dim=-1)  # 2 x (..., D)
         return k, v
 
