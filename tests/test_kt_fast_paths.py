@@ -212,10 +212,10 @@ def test_sakt_training_with_dropout_is_reproducible_and_causal():
     torch.testing.assert_close(model(exercises, flipped), a)
 
 
-@pytest.mark.parametrize("stages", [1, 2, 8])
-def test_dkt_staged_cpu_path_equals_plain_lstm_in_logits_and_gradients(stages, monkeypatch):
-    # 1 stage: every row runs to the longest; 2: rows run past their ends to a stage end; 8 (> B): a stage per row.
-    monkeypatch.setattr(dkt_module, "LSTM_STAGES", stages)
+@pytest.mark.parametrize("stage_cost", [1e9, 3.0, 0.0])
+def test_dkt_staged_cpu_path_equals_plain_lstm_in_logits_and_gradients(stage_cost, monkeypatch):
+    # 1e9: one stage, every row runs to the longest; 3: rows run past their ends to a stage end; 0: a stage per length.
+    monkeypatch.setattr(dkt_module, "STAGE_COST", stage_cost)
     torch.manual_seed(0)
     model = DKT(20, hidden_size=12, embedding_dim=8, num_layers=2, dropout=0.0)
     exercises, responses = _batch(B=7)
@@ -231,6 +231,37 @@ def test_dkt_staged_cpu_path_equals_plain_lstm_in_logits_and_gradients(stages, m
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_stage_ends_is_the_cheapest_plan():
+    # Rows of lengths 5, 3, 3, 1; plans and their row-steps by hand: [5] 4*5 = 20, [3, 5] 4*3 + 1*2 = 14,
+    # [1, 5] 4*1 + 3*4 = 16, [1, 3, 5] 4*1 + 3*2 + 1*2 = 12; each stage also costs `stage_cost`.
+    lengths = [5, 3, 3, 1]
+    assert dkt_module.stage_ends(lengths, 0.0) == [1, 3, 5]
+    assert dkt_module.stage_ends(lengths, 1.0) == [1, 3, 5]  # 15 against 16 and 21
+    assert dkt_module.stage_ends(lengths, 3.0) == [3, 5]  # 20 against 21, 22 and 23
+    assert dkt_module.stage_ends(lengths, 7.0) == [5]  # 27 against 28
+    assert dkt_module.stage_ends([0, 0], 1.0) == []
+
+
+def test_stage_ends_matches_an_exhaustive_search():
+    from itertools import combinations
+
+    def cost(lengths, ends, stage_cost):
+        total, t0 = 0.0, 0
+        for t1 in ends:
+            total += sum(n > t0 for n in lengths) * (t1 - t0) + stage_cost
+            t0 = t1
+        return total
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(0, 30, (9,), generator=g).tolist()
+        distinct = sorted({n for n in lengths if n > 0})
+        plans = [[*c, distinct[-1]] for k in range(len(distinct)) for c in combinations(distinct[:-1], k)]
+        for stage_cost in (0.5, 4.0, 25.0):
+            best = min(cost(lengths, p, stage_cost) for p in plans)
+            assert cost(lengths, dkt_module.stage_ends(lengths, stage_cost), stage_cost) == best
+
+
 def test_dkt_staged_cpu_path_on_a_batch_of_padding_gives_zeros():
     exercises = torch.zeros(3, 5, dtype=torch.long)
     logits = DKT(20, hidden_size=8, embedding_dim=8)(exercises, exercises)
@@ -244,8 +275,8 @@ def test_dkt_staged_cpu_path_drops_the_real_positions_as_they_come_in_row_major_
     model = DKT(20, hidden_size=12, embedding_dim=8, dropout=0.5).train()
     exercises, responses = _batch(B=7)
     runs = []
-    for stages in (1, 3, 8):
-        monkeypatch.setattr(dkt_module, "LSTM_STAGES", stages)
+    for stage_cost in (1e9, 3.0, 0.0):
+        monkeypatch.setattr(dkt_module, "STAGE_COST", stage_cost)
         torch.manual_seed(5)
         runs.append(model(exercises, responses))
     for other in runs[1:]:

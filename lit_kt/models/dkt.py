@@ -9,7 +9,7 @@ LSTM runs forward in time.
 
 Three ways to run the LSTM over a right-padded batch, with the same outputs at the real positions:
 
-* staged (CPU, the default there): rows sorted by length, the time axis cut into ``LSTM_STAGES`` stages, each
+* staged (CPU, the default there): rows sorted by length, the time axis cut into stages (:func:`stage_ends`), each
   stage run over the rows still real at its start from the state the previous stage left them in, so that most of
   the trailing padding is skipped and each step multiplies as many rows as it can (:meth:`DKT._staged_forward`);
 * packed (CUDA, the default there; ``packed=True`` anywhere): :func:`torch.nn.utils.rnn.pack_padded_sequence`, so
@@ -29,7 +29,34 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lit_kt.models.dropout import FastDropout
 from lit_kt.models.padding import may_skip_padding, row_lengths
 
-LSTM_STAGES = 8  # time stages of the CPU path (see DKT._staged_forward)
+# A stage's fixed cost (one LSTM call, forward and backward) in LSTM row-steps. In a trial on the CPU of
+# docs/benchmarks.md (one thread, width 200) a call cost about 0.5 ms and a row-step about 13 us; on ASSIST2009
+# batches 20 and 40 trained alike, 80 slower.
+STAGE_COST = 40
+
+
+def stage_ends(lengths: list[int], stage_cost: float = STAGE_COST) -> list[int]:
+    """Where the staged LSTM's stages end, for rows of ``lengths``: the cheapest plan in row-steps.
+
+    A stage ``(t0, t1]`` runs the ``rows longer than t0`` for ``t1 - t0`` steps; each stage also costs
+    ``stage_cost`` row-steps (a call into the LSTM). Dynamic programme over the distinct lengths (ends are always
+    lengths: moving an end down to the next length only removes padding). Ascending; the last is the longest length.
+    """
+    ends = sorted({n for n in lengths if n > 0})
+    starts = [0] + ends
+    running = [sum(n > t for n in lengths) for t in starts]  # rows still real at each candidate start
+    best = [0.0] + [float("inf")] * len(ends)  # cheapest plan covering up to starts[j]
+    previous = [0] * (len(ends) + 1)
+    for j in range(1, len(starts)):
+        for i in range(j):
+            cost = best[i] + running[i] * (starts[j] - starts[i]) + stage_cost
+            if cost < best[j]:
+                best[j], previous[j] = cost, i
+    plan, j = [], len(ends)
+    while j > 0:
+        plan.append(starts[j])
+        j = previous[j]
+    return plan[::-1]
 
 
 class DKT(nn.Module):
@@ -108,20 +135,18 @@ class DKT(nn.Module):
     def _staged_forward(self, exercises: Tensor, interactions: Tensor) -> Tensor:
         """(B, L) logits from the LSTM run in time stages over the rows still real; 0 after each row's end (CPU).
 
-        Rows sorted by length (longest first) are cut into ``LSTM_STAGES`` groups; each group's longest row ends a
-        stage. Stage ``[t0, t1)`` runs the LSTM over the rows longer than ``t0`` (a prefix of the sorted rows), from
-        the state the previous stage left them in, so every step multiplies the largest batch of rows it can, and a
-        row runs past its end only to the end of its stage: as much padding as running each group on its own, in fewer
-        sequential steps (the longest row's length, not the sum of the groups' longest). The inputs come straight
-        from the ids, the outputs at the real positions are gathered in row-major order, so dropout draws the masks
-        ``h[real]`` would get.
+        The time axis is cut into stages (:func:`stage_ends`); stage ``[t0, t1)`` runs the LSTM over the rows longer
+        than ``t0`` (a prefix of the rows sorted longest first), from the state the previous stage left them in. A
+        row runs past its end only to the end of its stage, every step multiplies all the rows still running, and
+        the steps run in sequence are the longest row's length (length groups, each run on its own, take the sum of
+        the groups' longest). The inputs come straight from the ids; the outputs at the real positions are gathered
+        in row-major order, so dropout draws the masks ``h[real]`` would get.
         """
         B, L = exercises.shape
         lengths = row_lengths(exercises)  # (B,) last real position + 1
         order = torch.argsort(lengths, descending=True)  # (B,)
         sorted_lengths = lengths[order].tolist()  # CPU: no device synchronisation
-        ends = sorted({sorted_lengths[int(rows[0])] for rows in torch.arange(B).tensor_split(min(B, LSTM_STAGES))})
-        ends = [t for t in ends if t > 0]
+        ends = stage_ends(sorted_lengths, STAGE_COST)
         if not ends:  # every row is padding
             return exercises.new_zeros(B, L, dtype=self.head.weight.dtype)
         # LSTM input at position t: interaction t - 1; at 0 the start token, appended to the table as id 2E + 1.
