@@ -222,6 +222,15 @@ def build_models(name: str, num_exercises: int, a: argparse.Namespace) -> tuple[
     return ours, peer
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (pages the kernel had to map and zero); ``None`` off Unix."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def alternate(
     ours: Callable[[int], object],
     peer: Callable[[int], object],
@@ -232,29 +241,37 @@ def alternate(
     """Run ``ours(i)`` then ``peer(i)`` for ``i`` in ``range(warmup + steps)``; seconds of the timed steps.
 
     ``sync`` runs before each step starts and after it ends (``torch.cuda.synchronize`` on a GPU, whose ops return
-    before they have run), so that one side's queued kernels are not counted in the other's time.
+    before they have run), so that one side's queued kernels are not counted in the other's time. Also counts each
+    timed step's minor page faults (under ``"faults"``): fresh memory the step touched, which costs the kernel a
+    fault and a page of zeros each and moves a step's time from run to run.
     """
     times: dict[str, list[float]] = {"ours": [], "pykt": []}
+    faults: dict[str, list[int]] = {"ours": [], "pykt": []}
     for i in range(warmup + steps):
         for side, step in (("ours", ours), ("pykt", peer)):
             sync()
+            before = minor_faults()
             start = time.perf_counter()
             step(i)
             sync()
             if i >= warmup:
                 times[side].append(time.perf_counter() - start)
-    return times
+                if before is not None:
+                    faults[side].append(minor_faults() - before)
+    return {"times": times, "faults": faults}
 
 
-def summarize(times: dict[str, list[float]], interactions: float) -> dict:
+def summarize(measured: dict, interactions: float) -> dict:
     out = {}
-    for side, seconds in times.items():
+    for side, seconds in measured["times"].items():
         mean = statistics.fmean(seconds)
         out[side] = {
             "s_per_step": round(mean, 5),
             "s_per_step_median": round(statistics.median(seconds), 5),
             "interactions_per_s": round(interactions / mean),
         }
+        if measured["faults"][side]:
+            out[side]["minor_faults_per_step"] = round(statistics.fmean(measured["faults"][side]))
     out["speedup"] = round(out["pykt"]["s_per_step"] / out["ours"]["s_per_step"], 3)
     out["speedup_median"] = round(out["pykt"]["s_per_step_median"] / out["ours"]["s_per_step_median"], 3)
     return out
@@ -411,7 +428,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"[{key}] {name}: train {r['train']['ours']['s_per_step']:.4f} s/step ours vs"
                 f" {r['train']['pykt']['s_per_step']:.4f} pyKT (x{r['train']['speedup']}); predict"
                 f" {r['predict']['ours']['s_per_step']:.4f} vs {r['predict']['pykt']['s_per_step']:.4f}"
-                f" (x{r['predict']['speedup']})",
+                f" (x{r['predict']['speedup']})"
+                + (
+                    f"; train minor page faults/step {r['train']['ours']['minor_faults_per_step']} ours,"
+                    f" {r['train']['pykt']['minor_faults_per_step']} pyKT"
+                    if "minor_faults_per_step" in r["train"]["ours"]
+                    else ""
+                ),
                 flush=True,
             )
     first = runs[next(iter(runs))]

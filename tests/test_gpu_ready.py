@@ -200,3 +200,26 @@ def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tm
     # A budget of 1 ms: the fit stops after its first batch, before any epoch ends.
     bounded = bench_kt.main([*common, "--epochs", "50", "--max-minutes", "0.00002"])
     assert bounded["stopped_by_time"] and bounded["epochs"] < 50
+
+
+def test_bench_vs_pykt_counts_each_sides_fresh_pages(scripts):
+    import mmap
+    import sys as _sys
+    import time
+
+    if _sys.platform == "win32":
+        pytest.skip("minor page faults are counted through the Unix `resource` module")
+    bench = scripts("bench_vs_pykt")
+    pages = 300
+
+    def touches_fresh_pages(i):  # a new anonymous mapping each step: every page written faults once
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for p in range(pages):
+                m[p * mmap.PAGESIZE] = 1
+
+    measured = bench.alternate(lambda i: time.sleep(0.002), touches_fresh_pages, steps=3, warmup=1)
+    assert len(measured["times"]["ours"]) == len(measured["faults"]["pykt"]) == 3
+    summary = bench.summarize(measured, interactions=10.0)
+    assert summary["pykt"]["minor_faults_per_step"] >= pages
+    assert summary["ours"]["minor_faults_per_step"] < pages
+    assert summary["speedup"] == round(summary["pykt"]["s_per_step"] / summary["ours"]["s_per_step"], 3)

@@ -9,6 +9,7 @@ from lit_kt.models.attention import (
 )
 from lit_kt.models.dkt import DKT
 from lit_kt.models.dropout import FastDropout, fast_dropout
+from lit_kt.models.linear import FastLinear, fast_linear
 from lit_kt.models.sakt import SAKT, SAKTBlock
 
 __all__ = [
@@ -18,10 +19,12 @@ __all__ = [
     "AKTBlock",
     "ChunkedCausalAttention",
     "FastDropout",
+    "FastLinear",
     "PackedCausalAttention",
     "SAKTBlock",
     "causal_attention",
     "fast_dropout",
+    "fast_linear",
     "monotonic_attention",
     "packed_causal_attention",
 ]
