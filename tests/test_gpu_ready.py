@@ -170,6 +170,19 @@ def test_sakt_fast_path_runs_under_bf16_autocast():
     torch.testing.assert_close(half.float()[real], full[real], atol=0.1, rtol=0.05)
 
 
+def test_dkt_staged_path_trains_under_bf16_autocast():
+    """The staged LSTM passes its state from stage to stage under autocast too; logits close to float32's."""
+    torch.manual_seed(0)
+    model = DKT(num_exercises=20, hidden_size=16, embedding_dim=8, dropout=0.0)
+    exercises, responses, mask = ragged_batch()
+    full = model(exercises, responses)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(exercises, responses)
+    masked_bce_with_logits(half, responses, mask).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(half.float()[mask], full.detach()[mask], atol=0.05, rtol=0.05)
+
+
 def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tmp_path):
     from lit_kt import generate_students, write_three_line
 

@@ -38,7 +38,7 @@ STAGE_COST = 40
 def stage_ends(lengths: list[int], stage_cost: float = STAGE_COST) -> list[int]:
     """Where the staged LSTM's stages end, for rows of ``lengths``: the cheapest plan in row-steps.
 
-    A stage ``(t0, t1]`` runs the ``rows longer than t0`` for ``t1 - t0`` steps; each stage also costs
+    A stage ``[t0, t1)`` runs the rows longer than ``t0`` for ``t1 - t0`` steps; each stage also costs
     ``stage_cost`` row-steps (a call into the LSTM). Dynamic programme over the distinct lengths (ends are always
     lengths: moving an end down to the next length only removes padding). Ascending; the last is the longest length.
     """

@@ -2,10 +2,10 @@
 
 PyTorch's CPU ``F.linear`` and ``torch.mm`` call MKL's ``sgemm``, which on AMD processors runs its AVX2 kernels
 even where the core has AVX-512: measured on a 2-core AMD EPYC (Zen 5) with torch 2.13, one thread, (4400, 256) x
-(256, 256): 84 GFLOP/s. PyTorch also ships oneDNN, which picks its kernels from the instruction set alone; its linear
-primitive (``torch.ops.mkldnn._linear_pointwise``, the op ``torch.compile``'s CPU backend calls) ran the same
-product at about 2.2 times that rate, the input gradient too, the weight gradient at 1.4-1.7 times
-(``python scripts/bench_kt_linear.py``; figures in ``docs/benchmarks.md``).
+(256, 256) and (256, 512): 80-87 GFLOP/s. PyTorch also ships oneDNN, which picks its kernels from the instruction
+set alone; its linear primitive (``torch.ops.mkldnn._linear_pointwise``, the op of ``torch.compile``'s CPU oneDNN
+linear fusions) ran the same products at about 2.2 times that rate, the input gradient too, the weight gradient at
+1.4-1.7 times (``python scripts/bench_kt_linear.py``; figures in ``docs/benchmarks.md``).
 :func:`fast_linear` runs all three on it, in float32 (no reduced precision: results agree with ``F.linear`` to
 float32 rounding, about 1e-6 relative). Where that op cannot serve (another device, another dtype, CPU autocast,
 ``torch.compile``, a PyTorch built without oneDNN) it is ``F.linear``.
