@@ -4,7 +4,9 @@ and the benchmark scripts' device handling and model-step measurement (issue 16;
 from __future__ import annotations
 
 import importlib
+import mmap
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -216,11 +218,7 @@ def test_bench_kt_time_budget_stops_the_fit_and_tests_the_best_epoch(scripts, tm
 
 
 def test_bench_vs_pykt_counts_each_sides_fresh_pages(scripts):
-    import mmap
-    import sys as _sys
-    import time
-
-    if _sys.platform == "win32":
+    if sys.platform == "win32":
         pytest.skip("minor page faults are counted through the Unix `resource` module")
     bench = scripts("bench_vs_pykt")
     pages = 300

@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lit_kt.models.dropout import FastDropout
 from lit_kt.models.padding import may_skip_padding, row_lengths
+from lit_kt.models.shift import previous_interactions
 
 # A stage's fixed cost (one LSTM call, forward and backward) in LSTM row-steps. In a trial on the CPU of
 # docs/benchmarks.md (one thread, width 200) a call cost about 0.5 ms and a row-step about 13 us; on ASSIST2009
@@ -149,13 +150,12 @@ class DKT(nn.Module):
         ends = stage_ends(sorted_lengths, STAGE_COST)
         if not ends:  # every row is padding
             return exercises.new_zeros(B, L, dtype=self.head.weight.dtype)
-        # LSTM input at position t: interaction t - 1; at 0 the start token, appended to the table as id 2E + 1.
-        start = self.interaction_emb.num_embeddings
-        ids = F.pad(interactions[:, :-1], (1, 0), value=start)[order]  # (B, L), longest row first
-        table = torch.cat([self.interaction_emb.weight, self.start[None]])  # (2E + 2, E)
-        outputs, state, t0 = [], None, 0
+        ids, table = previous_interactions(interactions, self.interaction_emb, self.start)  # (B, L), (2E + 2, E)
+        ids = ids[order]  # longest row first
+        outputs, state, t0, m = [], None, 0, B
         for t1 in ends:
-            m = sum(n > t0 for n in sorted_lengths)  # rows still real at t0
+            while sorted_lengths[m - 1] <= t0:  # rows still real at t0: a prefix of the sorted rows
+                m -= 1
             if state is not None:
                 state = tuple(s[:, :m] for s in state)  # (layers, m, H) each
             x = F.embedding(ids[:m, t0:t1], table, padding_idx=0)  # (m, T, E); padding_idx: no gradient to id 0

@@ -26,6 +26,7 @@ from lit_kt.models.attention import causal_attention, packed_causal_attention
 from lit_kt.models.dropout import FastDropout, fast_dropout
 from lit_kt.models.linear import FastLinear, fast_linear
 from lit_kt.models.padding import may_skip_padding, row_lengths
+from lit_kt.models.shift import previous_interactions
 
 
 class SAKTBlock(nn.Module):
@@ -252,12 +253,10 @@ class SAKT(nn.Module):
             # Run the position-wise layers on the real positions only (elsewhere the padded path runs).
             positions = torch.arange(L, device=exercises.device)  # (L,)
             real = positions < lengths[:, None]  # (B, L)
-            # Key t holds interaction t - 1; key 0 the start token, appended to the table as id 2E + 1.
-            start = self.interaction_emb.num_embeddings
-            key_ids = F.pad(interactions[:, :-1], (1, 0), value=start)[real]  # (N,)
+            # Key t holds interaction t - 1; key 0 the start token (a row of the table).
+            key_ids, table = previous_interactions(interactions, self.interaction_emb, self.start)  # (B, L), (2E+2, D)
             key_pos = positions.expand(B, L)[real]  # (N,)
-            table = torch.cat([self.interaction_emb.weight, self.start[None]])  # (2E + 2, D)
-            kv = F.embedding(key_ids, table, padding_idx=0)  # (N, D); padding_idx: no gradient to id 0, as before
+            kv = F.embedding(key_ids[real], table, padding_idx=0)  # (N, D); padding_idx: no gradient to id 0
             kv = self.emb_drop(kv.add_(self.position_emb(key_pos)))
             x = self.emb_drop(self.exercise_emb(exercises[real]))  # (N, D)
             row_ends = lengths.tolist()  # CPU: no device synchronisation
