@@ -283,6 +283,20 @@ def test_dkt_staged_cpu_path_drops_the_real_positions_as_they_come_in_row_major_
         torch.testing.assert_close(other, runs[0])
 
 
+def test_dkt_staged_cpu_path_draws_the_dropout_masks_of_the_real_rows_of_the_plain_lstm():
+    # The masks a run drew before the staged path (dropout over h[real], row-major) are the ones it draws now.
+    torch.manual_seed(0)
+    model = DKT(20, hidden_size=12, embedding_dim=8, dropout=0.5).train()
+    exercises, responses = _batch(B=7)
+    real = torch.arange(15) < row_lengths(exercises)[:, None]
+    interactions = exercises + 20 * responses * (exercises > 0)
+    x = torch.cat([model.start.expand(7, 1, -1), model.interaction_emb(interactions[:, :-1])], dim=1)
+    torch.manual_seed(5)
+    expected = model._logits(model.lstm(x)[0][real], exercises[real])  # (N,)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(exercises, responses)[real], expected)
+
+
 def _flushes() -> bool:
     return (torch.tensor([1e-39]) * 1.0).item() == 0.0  # a denormal read as zero
 

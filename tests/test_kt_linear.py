@@ -61,6 +61,13 @@ def test_fast_linear_is_f_linear_where_onednn_cannot_serve():
         assert fast_linear(x, weight, bias).dtype == torch.bfloat16
 
 
+def test_fast_linear_names_mismatched_shapes():
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(4x7 and 8x5\)"):
+        FastLinear(8, 5)(torch.randn(4, 7))
+    with pytest.raises(RuntimeError):
+        fast_linear(torch.randn(4, 8), torch.randn(5, 8), torch.randn(3))
+
+
 def test_fast_linear_module_is_a_drop_in_nn_linear():
     torch.manual_seed(3)
     fast = FastLinear(8, 5)

@@ -8,7 +8,8 @@ linear fusions) ran the same products at about 2.2 times that rate, the input gr
 1.4-1.7 times (``python scripts/bench_kt_linear.py``; figures in ``docs/benchmarks.md``).
 :func:`fast_linear` runs all three on it, in float32 (no reduced precision: results agree with ``F.linear`` to
 float32 rounding, about 1e-6 relative). Where that op cannot serve (another device, another dtype, CPU autocast,
-``torch.compile``, a PyTorch built without oneDNN) it is ``F.linear``.
+``torch.compile``, a PyTorch built without oneDNN) it is ``F.linear``; so is a call with mismatched shapes, so that
+the error is ``F.linear``'s, naming both shapes.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() > 0
+        # Mismatched shapes go to F.linear, whose error names them (oneDNN's does not).
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or bias.shape == (weight.shape[0],))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     ):
